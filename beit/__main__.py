@@ -1,0 +1,5 @@
+"""`python -m beit` runs the command line."""
+
+from beit.cli import main
+
+main()
