@@ -28,7 +28,9 @@ def _grid(grid: int | tuple[int, int]) -> tuple[int, int]:
 
 def _check_count(num_masked: int, height: int, width: int) -> None:
     if not 0 < num_masked <= height * width:
-        raise BeitError(f"num_masked must be in 1..{height * width} for a {height}x{width} grid, got {num_masked}")
+        raise BeitError(
+            f"num_masked must be in 1..{height * width} for a {height}x{width} grid, got {num_masked}"
+        )
 
 
 class MaskGenerator:
@@ -99,9 +101,11 @@ class MaskGenerator:
 
 
 class RandomMaskGenerator:
-    """Masks exactly `num_masked` patches chosen uniformly at random (the paper's "random masking" ablation)."""
+    """Masks exactly `num_masked` patches chosen uniformly at random (the paper's random-masking ablation)."""
 
-    def __init__(self, grid: int | tuple[int, int] = (14, 14), num_masked: int = 75, *, seed: int | None = None):
+    def __init__(
+        self, grid: int | tuple[int, int] = (14, 14), num_masked: int = 75, *, seed: int | None = None
+    ) -> None:
         self.height, self.width = _grid(grid)
         _check_count(num_masked, self.height, self.width)
         self.num_masked = num_masked
