@@ -1,0 +1,109 @@
+"""Side-by-side timings of the two speed choices in the BEiT model, printed as JSON with ratios.
+
+1. attention: `scaled_dot_product_attention` with the relative bias as additive mask vs the explicit
+   softmax path (`return_attn=True`, kept for attention maps), forward + backward of one attention layer;
+2. MIM head: `lm_head` on the masked rows only vs on all N patch tokens followed by row selection,
+   forward + backward of the whole pretraining model.
+
+Alternatives are interleaved in one run (this machine is noisy); the median of `--repeats` is reported.
+
+    python bench/model_speed.py --preset small --batch 4 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from beit.model import create_model
+from beit.train.loader import mask_generator
+
+
+def _time(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def race(alternatives: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each alternative, run interleaved after one warm-up call each."""
+    for fn in alternatives.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in alternatives}
+    for _ in range(repeats):
+        for name, fn in alternatives.items():
+            times[name].append(_time(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    model = create_model(args.preset, mim=True, drop_path_rate=0.0).to(device).train()
+    cfg = model.config
+    images = torch.randn(args.batch, cfg.in_chans, cfg.image_size, cfg.image_size, device=device)
+    generator = mask_generator(cfg.grid)  # the official 75-of-196 blockwise masking, scaled to the grid
+    mask = torch.stack([torch.from_numpy(generator()) for _ in range(args.batch)]).flatten(1).to(device)
+    targets = torch.randint(0, cfg.vocab_size, (int(mask.sum()),), device=device)
+
+    attn = model.blocks[0].attn
+    x = torch.randn(args.batch, cfg.num_patches + 1, cfg.embed_dim, device=device, requires_grad=True)
+
+    def attention(explicit: bool):
+        def step() -> None:
+            bias = model.rel_pos_bias()  # [H, N+1, N+1], part of the graph as in training
+            out = attn(x, bias, return_attn=True)[0] if explicit else attn(x, bias)
+            out.sum().backward()
+
+        return step
+
+    def mim(masked_only: bool):
+        def step() -> None:
+            if masked_only:
+                logits = model(images, mask)
+            else:
+                logits = model(images, mask, return_all_tokens=True)[mask]
+            F.cross_entropy(logits, targets).backward()
+
+        return step
+
+    attention_times = race({"sdpa": attention(False), "explicit": attention(True)}, args.repeats, device)
+    head_times = race({"masked_rows": mim(True), "all_tokens": mim(False)}, args.repeats, device)
+    print(
+        json.dumps(
+            {
+                "device": str(device),
+                "torch": torch.__version__,
+                "preset": args.preset,
+                "batch": args.batch,
+                "masked_per_image": float(mask.sum()) / args.batch,
+                "attention_fwd_bwd_s": attention_times,
+                "attention_explicit_over_sdpa": attention_times["explicit"] / attention_times["sdpa"],
+                "mim_step_fwd_bwd_s": head_times,
+                "mim_all_tokens_over_masked_rows": head_times["all_tokens"] / head_times["masked_rows"],
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
