@@ -1,0 +1,34 @@
+"""Helpers shared by the tokenization-job and shard tests: real images, the tiny dVAE, file digests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from beit.demo import PHOTOS, write_digits, write_photos
+from beit.tokenize.dvae import DiscreteVAE, DVAETokenizer, dvae_config
+
+
+def make_image_folder(root: Path, digits: int = 24, photos: int = 4, size: int = 40) -> Path:
+    """An ImageFolder: `digits` sklearn digits upscaled to `size` px (JPEG and PNG, one folder per label)
+    plus colour skimage photos (about 64 px on the long side) under `photo/`."""
+    write_digits(root, digits, size, formats=("jpg", "png"))
+    return write_photos(root, PHOTOS[:photos])
+
+
+def tiny_tokenizer(seed: int = 0) -> DVAETokenizer:
+    """The tiny dVAE (32 px, 8×8 grid, 512 codes), randomly initialized with `seed`. The last layer's bias
+    is zeroed: at random init it alone would pick nearly every cell's argmax, and tests need varied ids."""
+    torch.manual_seed(seed)
+    model = DiscreteVAE(dvae_config("tiny")).eval()
+    with torch.no_grad():
+        model.encoder[-1].bias.zero_()
+    return DVAETokenizer(model)
+
+
+def digest(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file in a directory, by name."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
