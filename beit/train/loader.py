@@ -1,0 +1,387 @@
+"""The pretraining loader: an endless, deterministic WebDataset stream of (uint8 images, tokens, masks).
+
+Pipeline, in each DataLoader worker (REFERENCE.md §10.2, §10.4):
+
+    shards of this stream, reshuffled every pass ─► samples (`beit.shards.iter_tar_samples`)
+        ─► shuffle buffer (raw bytes, webdataset) ─► JPEG decode + token check + blockwise mask ─► batch
+
+The tar members are read by the shard format's own reader rather than webdataset's generic tar expander
+(about a third cheaper per sample in our measurements); the loader around it is webdataset's `WebLoader`.
+
+- Every process (rank) builds its own loader; it is never `accelerator.prepare()`d. Each rank-worker pair
+  is one *stream*. With at least as many shards as streams, stream i reads shards i, i+S, i+2S, … (split
+  across nodes and workers); with fewer, every stream reads all shards. A stream never ends: it goes over
+  its shards again and again in a new order each pass (resampled shards), so every rank yields exactly
+  `epoch_batches` batches per epoch (`with_epoch` on the loader) whatever the shard sizes: uneven shards
+  cannot hang DDP.
+- Everything random (shard order, shuffle buffer, one mask seed per sample) is seeded from
+  (seed, epoch, stream), so batch k of a run is a function of (seed, k, rank, world size, workers).
+  `start_batch` resumes the stream exactly: the workers drop the consumed samples before decoding them.
+- Images stay uint8 (4x less to move than float32); `Normalize` converts them on the device.
+- A bad sample (missing member, undecodable JPEG, wrong size, token ids out of range) is skipped, logged
+  with its reason, and counted in the `skipped` field of the next batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import logging
+import math
+import random
+import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from beit.config import ModelConfig
+from beit.errors import BeitError
+from beit.shards import ShardInfo, ShardSet, iter_tar_samples
+from beit.shards.format import ShardFormatError
+from beit.train.masking import MaskGenerator, RandomMaskGenerator
+
+log = logging.getLogger(__name__)
+
+# torchvision's libjpeg-turbo decoder straight to a uint8 CHW tensor is faster than PIL + numpy
+# (bench/pretrain.py) and gives the same pixels; it warns on every call that its image codecs are
+# deprecated in favour of TorchCodec, which is not a dependency.
+try:
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _tv_decode_jpeg
+except ImportError:  # pragma: no cover - a torchvision without image codecs
+    _tv_decode_jpeg = None
+
+NORMALIZATIONS = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the official default (REFERENCE.md §7.1)
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the official IN-1k recipe
+}
+
+
+class Batch(NamedTuple):
+    """One batch. `skipped` counts the bad samples the worker dropped while assembling it."""
+
+    images: torch.Tensor  # uint8 [B, 3, S, S], channels-last memory
+    tokens: torch.Tensor  # int64 [B, g, g]
+    mask: torch.Tensor  # bool [B, g*g], row-major like the patch sequence
+    skipped: int
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; the message is the reason that gets logged."""
+
+
+def decode_jpeg(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 [3, H, W] RGB in channels-last memory, with the fastest decoder installed."""
+    if _tv_decode_jpeg is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _tv_decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an .npy header; cached, since every sample of a set shares one."""
+    stream = io.BytesIO(prefix)
+    major, _ = np.lib.format.read_magic(stream)
+    if major == 1:
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """An .npy file's array without pickles: `np.load(allow_pickle=False)` minus its per-call header
+    parsing (a Python literal_eval), which costs as much as the rest of a sample's token handling."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not an .npy file")
+    length_bytes = 2 if data[6] == 1 else 4
+    start = 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
+    shape, fortran, dtype = _npy_header(data[:start])
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = math.prod(shape)
+    if len(data) - start != count * dtype.itemsize:
+        raise ValueError(f"{len(data) - start} data bytes for shape {shape} of {dtype}")
+    return np.frombuffer(data, dtype, count, start).reshape(shape, order="F" if fortran else "C")
+
+
+def scaled_mask_size(num_patches: int) -> tuple[int, int]:
+    """The official 75 masked patches with blocks of at least 16, out of 196, scaled to another grid:
+    (round(75/196·N), max(4, round(16/196·N))); for 196 patches exactly (75, 16), for 8×8 (24, 5)."""
+    return round(75 / 196 * num_patches), max(4, round(16 / 196 * num_patches))
+
+
+def mask_generator(
+    grid: int,
+    num_masked: int | None = None,
+    min_block: int | None = None,
+    *,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+    random_masking: bool = False,
+) -> MaskGenerator | RandomMaskGenerator:
+    """The blockwise generator for a `grid`×`grid` patch grid; unset sizes follow `scaled_mask_size`.
+    `random_masking` gives the paper's uniform-random ablation instead."""
+    default_count, default_block = scaled_mask_size(grid * grid)
+    num_masked = default_count if num_masked is None else num_masked
+    if random_masking:
+        return RandomMaskGenerator(grid, num_masked)
+    min_block = default_block if min_block is None else min_block
+    return MaskGenerator(grid, num_masked, min_block=min_block, max_block=max_block, min_aspect=min_aspect)
+
+
+def check_compatible(shard_set: ShardSet, config: ModelConfig) -> None:
+    """Refuse shards whose tokenizer vocabulary, token grid or image size does not fit the model."""
+    name = shard_set.tokenizer.get("name", "tokenizer")
+    fix = "choose a matching --preset / model options, or re-tokenize with a matching tokenizer"
+    if shard_set.vocab_size != config.vocab_size:
+        raise BeitError(
+            f"shard set {shard_set.directory} holds tokens of a {shard_set.vocab_size}-token vocabulary "
+            f"({name}) but the model predicts {config.vocab_size} tokens; {fix}"
+        )
+    if shard_set.grid != config.grid:
+        raise BeitError(
+            f"shard set {shard_set.directory} holds {shard_set.grid}x{shard_set.grid} token grids but the "
+            f"model has a {config.grid}x{config.grid} patch grid; {fix}"
+        )
+    if shard_set.image_size != config.image_size:
+        raise BeitError(
+            f"shard set {shard_set.directory} holds {shard_set.image_size}-px images but the model takes "
+            f"{config.image_size} px; {fix}"
+        )
+
+
+def _stream_rng(*parts: object) -> random.Random:
+    # random.Random seeded with a str hashes it with SHA-512: the same in every process (unlike hash()).
+    return random.Random("/".join(str(p) for p in parts))
+
+
+class ShardStream(IterableDataset):
+    """The per-rank dataset behind `shard_loader`: endless batches of one rank, split across its workers.
+
+    `epoch` and `start` (batches of this epoch already consumed, across all workers) are read when the
+    workers start, so the loader sets them before each epoch.
+    """
+
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        *,
+        image_size: int,
+        grid: int,
+        vocab_size: int,
+        batch_size: int,
+        masks: MaskGenerator | RandomMaskGenerator,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        super().__init__()
+        if not shards:
+            raise BeitError("the loader got no shards; check the shard set and --split")
+        if (masks.height, masks.width) != (grid, grid):
+            raise BeitError(
+                f"the mask generator's grid {masks.height}x{masks.width} is not the token grid {grid}"
+            )
+        self.paths = [s.path for s in shards]
+        self.image_size, self.grid, self.vocab_size = image_size, grid, vocab_size
+        self.batch_size, self.masks = batch_size, masks
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch, self.start = 0, 0
+        self._skipped = 0
+
+    def _role(self) -> tuple[int, int]:
+        """(role, workers): the DataLoader yields batch k of an epoch from worker k % W, so after resuming
+        at batch `start`, worker w plays role (w + start) % W to continue every role's own sequence."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (worker + self.start) % workers, workers
+
+    def _samples(self, stream: int, streams: int) -> Iterator[dict]:
+        """Raw samples of this stream's shards, endlessly, in a new shard order every pass."""
+        paths = self.paths[stream::streams] if len(self.paths) >= streams else list(self.paths)
+        rng = _stream_rng("shards", self.seed, self.epoch, stream)
+        while True:
+            rng.shuffle(paths)
+            found = 0
+            for path in paths:
+                try:
+                    for key, members in iter_tar_samples(path):
+                        found += 1
+                        yield {"__key__": key, "__url__": str(path), **members}
+                except (ShardFormatError, OSError) as err:
+                    log.warning("skipping the rest of shard %s: %s", path, err)
+                    self._skipped += 1
+            if not found:
+                raise BeitError(f"no readable samples in the {len(paths)} shard(s) of rank {self.rank}")
+
+    def decode(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One raw sample -> (uint8 [3,S,S], int64 [g,g]); raises BadSample with the reason."""
+        if "jpg" not in sample or "tokens.npy" not in sample:
+            raise BadSample(f"missing member(s): has {sorted(k for k in sample if not k.startswith('__'))}")
+        try:
+            image = decode_jpeg(sample["jpg"])
+        except (RuntimeError, ValueError, OSError) as err:
+            raise BadSample(f"undecodable jpg ({err})") from None
+        if tuple(image.shape) != (3, self.image_size, self.image_size):
+            raise BadSample(
+                f"image is {tuple(image.shape)}, expected (3, {self.image_size}, {self.image_size})"
+            )
+        try:
+            tokens = read_npy(sample["tokens.npy"])
+        except ValueError as err:
+            raise BadSample(f"unreadable tokens.npy ({err})") from None
+        if tokens.shape != (self.grid, self.grid) or tokens.dtype.kind not in "ui":
+            raise BadSample(
+                f"tokens are {tokens.dtype} {tokens.shape}, expected integers ({self.grid}, {self.grid})"
+            )
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise BadSample(f"token ids outside [0, {self.vocab_size})")
+        return image, torch.from_numpy(tokens.astype(np.int64))
+
+    def __iter__(self) -> Iterator[Batch]:
+        role, workers = self._role()
+        stream, streams = self.rank * workers + role, self.world_size * workers
+        self._skipped = 0
+        samples = self._samples(stream, streams)
+        shuffle_rng = _stream_rng("buffer", self.seed, self.epoch, stream)
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(
+            samples
+        )
+        # Drop this role's share of the `start` batches already consumed, before decoding anything.
+        done = len(range(role, self.start, workers)) * self.batch_size
+        index = done
+        samples = itertools.islice(samples, done, None)
+        size, g = self.image_size, self.grid
+        while True:
+            # Channels-last memory, as the decoder writes it: filling a batch is then a plain copy (a
+            # transposing copy into NCHW took 40% as long as decoding the JPEG).
+            images = torch.empty(self.batch_size, size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+            tokens = torch.empty(self.batch_size, g, g, dtype=torch.int64)
+            mask = torch.empty(self.batch_size, g * g, dtype=torch.bool)
+            for i in range(self.batch_size):
+                while True:
+                    sample = next(samples)
+                    seed = ("mask", self.seed, self.epoch, stream, index)
+                    index += 1
+                    try:
+                        images[i], tokens[i] = self.decode(sample)
+                        break
+                    except BadSample as err:
+                        log.warning(
+                            "skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err
+                        )
+                        self._skipped += 1
+                mask[i] = torch.from_numpy(self.masks(rng=_stream_rng(*seed)).reshape(-1))
+            yield Batch(images, tokens, mask, self._skipped)
+            self._skipped = 0
+
+
+class ShardLoader:
+    """Endless batches for one rank: `iter(loader)` starts at batch `start_batch` and crosses epochs.
+
+    Each epoch is one `wds.WebLoader` (a DataLoader over `ShardStream`, never prepared by Accelerate)
+    cut to `epoch_batches` batches with `.with_epoch`, so every rank runs the same number of batches.
+    """
+
+    def __init__(
+        self, stream: ShardStream, *, epoch_batches: int, num_workers: int = 4, pin_memory: bool = False
+    ) -> None:
+        if epoch_batches < 1:
+            raise BeitError(f"epoch_batches must be at least 1, got {epoch_batches}")
+        self.stream, self.epoch_batches = stream, epoch_batches
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = divmod(self.start_batch, self.epoch_batches)
+        while True:
+            self.stream.epoch, self.stream.start = epoch, start
+            # A private generator: starting workers must not consume the global torch RNG (exact resume).
+            loader = wds.WebLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(epoch),
+                prefetch_factor=4 if self.num_workers else None,
+            ).with_epoch(self.epoch_batches - start)
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+
+def shard_loader(
+    shard_set: ShardSet,
+    *,
+    batch_size: int,
+    masks: MaskGenerator | RandomMaskGenerator,
+    epoch_batches: int | None = None,
+    start_batch: int = 0,
+    split: str | None = None,
+    num_workers: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """The loader of one rank over a shard set (all splits, or one `split`).
+
+    `epoch_batches` defaults to the samples of the selected shards // (batch_size · world_size), i.e. one
+    nominal pass over the data per epoch across all ranks.
+    """
+    shards = shard_set.select(split)
+    if not shards:
+        splits = sorted({s.split for s in shard_set.shards})
+        raise BeitError(f"shard set {shard_set.directory} has no shards of split {split!r}; it has {splits}")
+    if batch_size < 1:
+        raise BeitError(f"batch size must be at least 1, got {batch_size}")
+    if epoch_batches is None:
+        epoch_batches = max(1, sum(s.count for s in shards) // (batch_size * world_size))
+    stream = ShardStream(
+        shards,
+        image_size=shard_set.image_size,
+        grid=shard_set.grid,
+        vocab_size=shard_set.vocab_size,
+        batch_size=batch_size,
+        masks=masks,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+    )
+    loader = ShardLoader(stream, epoch_batches=epoch_batches, num_workers=num_workers, pin_memory=pin_memory)
+    loader.start_batch = start_batch
+    return loader
+
+
+class Normalize:
+    """uint8 [B,3,S,S] on the device -> normalized float, `(x/255 - mean) / std` as one fused multiply-add."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu"):
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -mean_t / std_t
+
+    @classmethod
+    def named(cls, name: str, device: torch.device | str = "cpu") -> Normalize:
+        """One of NORMALIZATIONS ("half": the official default; "imagenet": the IN-1k recipe)."""
+        if name not in NORMALIZATIONS:
+            raise BeitError(f"unknown normalization {name!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+        return cls(*NORMALIZATIONS[name], device=device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, images.float(), self.scale)

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# GPU benchmark of pretraining, one command (about 3-5 minutes on one H100):
+#
+#   bash bench/gpu.sh            # writes bench/results/pretrain_gpu.json and prints it
+#
+# 1. makes a shard set with the real tokenization job: SAMPLES 224-px views of real photos (crops of the
+#    scikit-image / scikit-learn samples), tokenized into 14x14 grids by a small random dVAE (the tokens'
+#    values do not matter for speed);
+# 2. model step alone: the base MIM model in bf16 autocast on a fixed batch (forward, CE on the masked rows,
+#    backward, clip, AdamW): images/s and model FLOP utilization (3 x forward FLOPs from `count_flops`
+#    per image over the GPU's dense bf16 peak), eager and with torch.compile;
+# 3. the whole trainer: `beit pretrain --mixed-precision bf16` streaming those shards (loader workers,
+#    host-to-device copies, logging, final checkpoint): images/s from metrics.jsonl and the same MFU;
+# 4. the loader alone: samples/s with 1 and WORKERS workers.
+#
+# Knobs (environment): PRESET (base), BATCH (128 per step), STEPS (60), SAMPLES (4096), WORKERS (10),
+# COMPILE (1: also time torch.compile), DEVICE (cuda; "cpu" only to smoke-test this script), OUT, PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PRESET="${PRESET:-base}" BATCH="${BATCH:-128}" STEPS="${STEPS:-60}" SAMPLES="${SAMPLES:-4096}"
+export WORKERS="${WORKERS:-10}" COMPILE="${COMPILE:-1}" DEVICE="${DEVICE:-cuda}"
+OUT="${OUT:-bench/results/pretrain_gpu.json}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$(dirname "$OUT")"
+
+"$PYTHON" - "$WORK" "$OUT" <<'PY'
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from beit.model import create_model
+from beit.model.vit import count_flops
+from beit.shards import open_shard_set
+from beit.tokenize.dvae import DiscreteVAE, DVAETokenizer, dvae_config
+from beit.tokenize.job import tokenize_dataset
+from beit.train.loader import Normalize, mask_generator, shard_loader
+from beit.train.optim import build_optimizer
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+preset, batch, steps = os.environ["PRESET"], int(os.environ["BATCH"]), int(os.environ["STEPS"])
+samples, workers, compile_too = int(os.environ["SAMPLES"]), int(os.environ["WORKERS"]), os.environ["COMPILE"] == "1"
+device = torch.device(os.environ["DEVICE"])
+cuda = device.type == "cuda"
+if cuda and not torch.cuda.is_available():
+    sys.exit("bench/gpu.sh needs a CUDA GPU (DEVICE=cpu only smoke-tests the script)")
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
+PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+         ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)]
+peak = next((p for key, p in PEAKS if key in name), None)
+result = {"command": "bash bench/gpu.sh", "device": name, "peak_bf16_flops": peak, "torch": torch.__version__,
+          "cuda": torch.version.cuda, "cpus": os.cpu_count(), "preset": preset, "batch": batch}
+
+
+def sync() -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+# ---- 1. a shard set made by the tokenization job ----------------------------------------------------------
+spec = importlib.util.spec_from_file_location("bench_tokenize", "bench/tokenize.py")
+bench_tokenize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_tokenize)
+t0 = time.perf_counter()
+photos = bench_tokenize.make_photos(work / "photos", samples, size=(256, 256))
+torch.manual_seed(0)
+small = dvae_config("tiny", input_size=112, downsample=8, vocab_size=8192, hidden=16, codebook_dim=16)
+tokenizer = DVAETokenizer(DiscreteVAE(small).eval().to(device))
+shards = work / "shards"
+summary = tokenize_dataset(photos, shards, tokenizer, image_size=224, shard_size=256, batch_size=256,
+                           num_workers=min(8, os.cpu_count() or 1), device=device, progress=False)
+result["shards"] = {"samples": summary.samples, "shards": len(open_shard_set(shards).shards),
+                    "seconds": time.perf_counter() - t0}
+
+# ---- 2. the model step alone ----------------------------------------------------------------------------
+def model_step_rates() -> tuple[dict, int]:
+    """Images/s of the bf16 step on a fixed batch (eager, and compiled if asked), and FLOPs per image."""
+    torch.manual_seed(0)
+    model = create_model(preset, mim=True).to(device).train()
+    cfg = model.config
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    normalize = Normalize.named("half", device)
+    gen = mask_generator(cfg.grid)
+    images = torch.randint(0, 256, (batch, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=device)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.grid, cfg.grid), device=device)
+    mask = torch.stack([torch.from_numpy(gen().reshape(-1)) for _ in range(batch)]).to(device)
+
+    def step(net) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = net(normalize(images), mask)
+        F.cross_entropy(logits.float(), tokens.flatten(1)[mask]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def images_per_s(net, warmup: int = 10, timed: int = 30) -> float:
+        for _ in range(warmup):
+            step(net)
+        sync()
+        start = time.perf_counter()
+        for _ in range(timed):
+            step(net)
+        sync()
+        return timed * batch / (time.perf_counter() - start)
+
+    rates = {"eager": images_per_s(model)}
+    if compile_too:
+        try:
+            rates["compiled"] = images_per_s(torch.compile(model))
+        except Exception as err:  # report it, keep the other numbers
+            rates["compiled_error"] = f"{type(err).__name__}: {err}"[:300]
+    return rates, 3 * count_flops(cfg)  # forward + backward ~ 3 x forward (MIM head on the masked rows)
+
+
+rates, flops_per_image = model_step_rates()
+
+
+def mfu(rate: float):
+    return rate * flops_per_image / peak if peak else None
+
+
+result["train_flops_per_image"] = flops_per_image
+result["model_step_images_per_s"] = rates
+result["model_step_mfu"] = {k: mfu(v) for k, v in rates.items() if isinstance(v, float)}
+if cuda:
+    result["model_step_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.empty_cache()
+
+# ---- 3. the whole trainer -------------------------------------------------------------------------------
+run = work / "run"
+command = [sys.executable, "-m", "beit", "pretrain", str(shards), "--output", str(run), "--preset", preset,
+           "--mixed-precision", "bf16", "--steps", str(steps), "--warmup-steps", str(min(5, steps - 1)),
+           "--batch-size", str(batch),
+           "--num-workers", str(workers), "--log-every", "10", "--save-every", str(10 * steps),
+           "--no-tensorboard"]
+t0 = time.perf_counter()
+done = subprocess.run(command, capture_output=True, text=True)
+if done.returncode:
+    result["trainer_error"] = done.stderr[-2000:]
+else:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steady = sorted(r["images_per_s"] for r in records[1:]) or [records[-1]["images_per_s"]]
+    rate = steady[len(steady) // 2]
+    result["trainer"] = {"steps": steps, "workers": workers, "seconds": time.perf_counter() - t0,
+                         "images_per_s_by_window": [r["images_per_s"] for r in records],
+                         "images_per_s": rate, "mfu": mfu(rate), "final_loss": records[-1]["loss"]}
+
+# ---- 4. the loader alone --------------------------------------------------------------------------------
+shard_set = open_shard_set(shards)
+loader_rates = {}
+for n in sorted({1, workers}):
+    loader = shard_loader(shard_set, batch_size=batch, masks=mask_generator(14), num_workers=n,
+                          epoch_batches=10**6, pin_memory=cuda)
+    stream = iter(loader)
+    next(stream)
+    count = max(4, 3 * samples // batch)
+    start = time.perf_counter()
+    for b in itertools.islice(stream, count):
+        b.images.to(device, non_blocking=True)
+    sync()
+    loader_rates[str(n)] = count * batch / (time.perf_counter() - start)
+    del stream
+result["loader_images_per_s_by_workers"] = loader_rates
+
+text = json.dumps(result, indent=2)
+out.write_text(text + "\n")
+print(text)
+PY

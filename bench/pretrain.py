@@ -1,0 +1,305 @@
+"""Pretraining benchmarks, each comparing alternatives side by side in one run; prints JSON with ratios.
+
+(a) `step_vs_timm`: one MIM training step (forward, cross-entropy on the masked rows, backward, AdamW)
+    of our model against timm's `Beit` built with the identical configuration (shared relative position
+    bias, LayerScale 0.1, stochastic depth 0.1, no absolute position) on the same batch and mask, with
+    an `lm_head` on timm's features either on the masked rows only (the same work as ours) or on all
+    tokens before selecting the masked ones (the official `return_all_tokens` path). Target: <= 0.95.
+(b) `offline_vs_on_the_fly`: our step on stored tokens against the official scheme that runs the
+    tokenizer inside every step (the DALL-E-sized encoder, `dall_e.Encoder` defaults with random weights,
+    on the 112-px view) at a ViT-B-shaped model and the same batch. Target: offline / on-the-fly <= 0.70
+    (the FLOP bound is 105 / (105 + 52) = 0.67).
+(c) `loader`: samples/s of the shard loader per worker against plain JPEG decoding of the same bytes in
+    the same run, on 224-px views of real photos written by the tokenization job. Target: >= 0.8.
+    `loader_peak_rss_mb`: peak RSS of a fresh process streaming the same samples stored in 2, 30 and 240
+    shards (target: flat).
+
+Alternatives are interleaved and the median of `--repeats` is reported (the machine is noisy). The
+default of one intra-op thread avoids measuring thread contention on a small shared machine.
+
+    .venv/bin/python bench/pretrain.py [--parts abc] [--out bench/results/pretrain_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from model_speed import race  # bench/ is on sys.path when this script runs
+from PIL import Image
+from tokenize_job import make_photos
+
+from beit.model import create_model
+from beit.shards import iter_tar_samples, open_shard_set
+from beit.train.loader import Normalize, decode_jpeg, mask_generator, shard_loader
+from beit.train.optim import build_optimizer
+
+
+def mim_batch(cfg, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images, int64 tokens and a blockwise mask (75 of 196 scaled to the grid) per image."""
+    gen = mask_generator(cfg.grid)
+    images = torch.randint(0, 256, (batch, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.grid, cfg.grid))
+    mask = torch.stack([torch.from_numpy(gen().reshape(-1)) for _ in range(batch)])
+    return images, tokens, mask
+
+
+def train_step(logits_fn, optimizer, images, tokens, mask) -> None:
+    """The trainer's step: normalize on the device, logits of the masked rows, CE, backward, AdamW."""
+    logits = logits_fn(Normalize.named("half")(images), mask)
+    F.cross_entropy(logits.float(), tokens.flatten(1)[mask]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_vs_timm(preset: str, batch: int, repeats: int) -> dict[str, Any]:
+    from timm.models.beit import Beit  # test oracle / baseline only, never imported by the library
+
+    torch.manual_seed(0)
+    ours = create_model(preset, mim=True).train()
+    cfg = ours.config
+    theirs = Beit(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        num_classes=0,
+        init_values=cfg.layer_scale_init,
+        use_abs_pos_emb=False,
+        use_shared_rel_pos_bias=True,
+        drop_path_rate=cfg.drop_path_rate,
+    ).train()
+    head = torch.nn.Linear(cfg.embed_dim, cfg.vocab_size)
+
+    def timm_masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return head(theirs.forward_features(x)[:, 1:][mask])  # the same work as ours
+
+    def timm_all_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return head(theirs.forward_features(x)[:, 1:])[mask]  # the official `return_all_tokens` path
+
+    ours_opt = build_optimizer(ours, lr=1e-4, weight_decay=0.05)
+    timm_opt = build_optimizer(torch.nn.ModuleList([theirs, head]), lr=1e-4, weight_decay=0.05)
+    data = mim_batch(cfg, batch)
+    seconds = race(
+        {
+            "ours": lambda: train_step(ours, ours_opt, *data),
+            "timm_masked_rows": lambda: train_step(timm_masked_rows, timm_opt, *data),
+            "timm_all_tokens": lambda: train_step(timm_all_tokens, timm_opt, *data),
+        },
+        repeats,
+        torch.device("cpu"),
+    )
+    return {
+        "preset": preset,
+        "batch": batch,
+        "step_s": seconds,
+        "ours_over_timm": {
+            "masked_rows": seconds["ours"] / seconds["timm_masked_rows"],
+            "all_tokens": seconds["ours"] / seconds["timm_all_tokens"],
+        },
+    }
+
+
+def offline_vs_on_the_fly(preset: str, batch: int, repeats: int) -> dict[str, Any]:
+    from dall_e import Encoder
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from beit.model.vit import count_flops
+    from beit.tokenize.dalle import DalleTokenizer
+
+    torch.manual_seed(0)
+    model = create_model(preset, mim=True).train()
+    tokenizer = DalleTokenizer(Encoder().eval().requires_grad_(False))
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    images, tokens, mask = mim_batch(model.config, batch)
+    view = torch.randint(0, 256, (batch, 3, tokenizer.input_size, tokenizer.input_size), dtype=torch.uint8)
+
+    def on_the_fly() -> None:
+        train_step(model, optimizer, images, tokenizer.encode(view), mask)  # the official order of work
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tokenizer.encoder(torch.zeros(1, 3, tokenizer.input_size, tokenizer.input_size))
+    seconds = race(
+        {"offline": lambda: train_step(model, optimizer, images, tokens, mask), "on_the_fly": on_the_fly},
+        repeats,
+        torch.device("cpu"),
+    )
+    step_gflops = 3 * count_flops(model.config) / 1e9  # forward + backward ~ 3x forward
+    encoder_gflops = counter.get_total_flops() / 1e9
+    return {
+        "preset": preset,
+        "batch": batch,
+        "step_s": seconds,
+        "gflops_per_image": {"train_step": step_gflops, "tokenizer": encoder_gflops},
+        "flop_bound": step_gflops / (step_gflops + encoder_gflops),
+        "offline_over_on_the_fly": seconds["offline"] / seconds["on_the_fly"],
+    }
+
+
+def make_shard_sets(work: Path, samples: int) -> dict[int, Path]:
+    """The same `samples` 224-px views of real photos, tokenized by the job into 2, 30 and 240 shards."""
+    from beit.tokenize.dvae import DiscreteVAE, DVAETokenizer, dvae_config
+    from beit.tokenize.job import tokenize_dataset
+
+    photos = make_photos(work / "photos", samples, size=(256, 256))
+    torch.manual_seed(0)  # a cheap 14x14 tokenizer: only the stored bytes matter here
+    small = dvae_config("tiny", input_size=112, downsample=8, vocab_size=8192, hidden=16, codebook_dim=16)
+    tokenizer = DVAETokenizer(DiscreteVAE(small).eval())
+    sets = {}
+    for shards in (2, 30, 240):
+        out = work / f"shards-{shards}"
+        tokenize_dataset(
+            photos,
+            out,
+            tokenizer,
+            image_size=224,
+            shard_size=-(-samples // shards),
+            batch_size=64,
+            device="cpu",
+            progress=False,
+        )
+        sets[len(open_shard_set(out).shards)] = out
+    return sets
+
+
+def loader_rate(shards: Path, workers: int, batches: int, batch: int = 32) -> float:
+    """Samples/s of the loader once its workers run (the first batch is not timed)."""
+    loader = shard_loader(
+        open_shard_set(shards), batch_size=batch, masks=mask_generator(14), num_workers=workers
+    )
+    stream = iter(loader)
+    next(stream)
+    start = time.perf_counter()
+    for _ in itertools.islice(stream, batches):
+        pass
+    return batches * batch / (time.perf_counter() - start)
+
+
+def pil_decode(data: bytes) -> torch.Tensor:
+    """The plain way: PIL -> RGB -> numpy -> tensor [3, H, W]."""
+    with Image.open(io.BytesIO(data)) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+
+
+def decode_rates(shards: Path, repeats: int) -> dict[str, float]:
+    """Samples/s of decoding the loader's JPEG bytes from memory in one thread, with our decoder and PIL."""
+    jpegs = [m["jpg"] for s in open_shard_set(shards).shards for _, m in iter_tar_samples(s.path)]
+    seconds = race(
+        {
+            name: lambda f=f: [f(data) for data in jpegs]
+            for name, f in (("ours", decode_jpeg), ("pil", pil_decode))
+        },
+        repeats,
+        torch.device("cpu"),
+    )
+    return {name: len(jpegs) / s for name, s in seconds.items()}
+
+
+PEAK_RSS = """
+import itertools, sys
+from beit.shards import open_shard_set
+from beit.train.loader import mask_generator, shard_loader
+def peak_mb():  # VmHWM: this address space's peak RSS
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+loader = shard_loader(open_shard_set(sys.argv[1]), batch_size=32, masks=mask_generator(14), num_workers=0)
+stream = iter(loader)
+next(stream)
+before = peak_mb()
+for _ in itertools.islice(stream, int(sys.argv[2])):
+    pass
+print(before, peak_mb())
+"""
+
+
+def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
+    sets = make_shard_sets(work, samples)
+    few = sets[min(sets)]
+    batches = 3 * samples // 32  # three passes
+    decode = decode_rates(few, repeats)
+    names = {0: "in_process", 1: "1_worker", 2: "2_workers"}
+    rates = {
+        names[w]: sorted(loader_rate(few, w, batches) for _ in range(repeats))[repeats // 2] for w in names
+    }
+    per_worker = {**rates, "2_workers": rates["2_workers"] / 2}
+    memory = {}
+    for n, path in sorted(sets.items()):
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(path), str(batches)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        after_first_batch, peak = map(float, out.stdout.split()[-2:])
+        memory[n] = {"after_first_batch": after_first_batch, "peak": peak}
+    return {
+        "samples": samples,
+        "image_size": 224,
+        "grid": 14,
+        "decode_samples_s": decode,
+        "loader_samples_s": rates,
+        "loader_per_worker_over_decode": {
+            base: {name: rate / decode[base] for name, rate in per_worker.items()} for base in decode
+        },
+        "loader_rss_mb_by_shards": memory,
+        "peak_rss_max_over_min": max(m["peak"] for m in memory.values())
+        / min(m["peak"] for m in memory.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--timm-preset", default="small", help="(a) model size")
+    parser.add_argument("--timm-batch", type=int, default=8)
+    parser.add_argument("--offline-preset", default="base", help="(b) model size (ViT-B by default)")
+    parser.add_argument("--offline-batch", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=240, help="(c) samples in the shard sets")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {
+        "command": "python bench/pretrain.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+    }
+    if "a" in args.parts:
+        result["a_step_vs_timm"] = step_vs_timm(args.timm_preset, args.timm_batch, args.repeats)
+    if "b" in args.parts:
+        result["b_offline_vs_on_the_fly"] = offline_vs_on_the_fly(
+            args.offline_preset, args.offline_batch, args.repeats
+        )
+    if "c" in args.parts:
+        with tempfile.TemporaryDirectory() as work:
+            result["c_loader"] = loader(Path(work), args.samples, args.repeats)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The shard loader on a real shard set (digits tokenized by the job): batches, masks, exact resume
+positions, rank splitting, bad samples, compatibility checks and device normalization."""
+
+import hashlib
+import io
+import itertools
+import logging
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from skimage import data as skdata
+
+from beit.config import model_config
+from beit.errors import BeitError
+from beit.shards import iter_tar_samples, open_shard_set
+from beit.train.loader import (
+    Normalize,
+    _stream_rng,
+    check_compatible,
+    decode_jpeg,
+    mask_generator,
+    read_npy,
+    scaled_mask_size,
+    shard_loader,
+)
+from beit.train.masking import MaskGenerator
+
+
+def _loader(shards, **kw):
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("masks", mask_generator(8))
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("shuffle_buffer", 64)
+    return shard_loader(open_shard_set(shards), **kw)
+
+
+def _take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def _digests(batches):
+    return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for b in batches for image in b.images]
+
+
+def test_batches_hold_uint8_images_token_grids_and_blockwise_masks(digits_shards):
+    batch = _take(_loader(digits_shards), 1)[0]
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (16, 3, 32, 32)
+    assert batch.tokens.dtype == torch.int64 and batch.tokens.shape == (16, 8, 8)
+    assert batch.mask.dtype == torch.bool and batch.mask.shape == (16, 64)
+    assert batch.skipped == 0
+    assert 0 <= batch.tokens.min() and batch.tokens.max() < 512
+    counts = batch.mask.sum(1)
+    assert (counts > 0).all() and (counts <= 24).all()  # round(75/196 * 64) = 24 at most
+    assert batch.images.float().std() > 10  # real pictures, not a constant
+
+
+def test_each_mask_is_seeded_by_its_sample(digits_shards):
+    # Sample i of stream 0 in epoch 0 gets MaskGenerator(...)(rng=Random("mask/seed/epoch/stream/i")).
+    batch = _take(_loader(digits_shards, seed=7), 1)[0]
+    gen = MaskGenerator(8, 24, min_block=5)
+    for i in range(16):
+        expected = gen(rng=_stream_rng("mask", 7, 0, 0, i)).reshape(-1)
+        assert torch.equal(batch.mask[i], torch.from_numpy(expected))
+    assert not all(torch.equal(batch.mask[0], m) for m in batch.mask[1:])
+
+
+def test_scaled_mask_size_keeps_the_official_values_at_14x14():
+    assert scaled_mask_size(196) == (75, 16)
+    assert scaled_mask_size(64) == (24, 5)
+    gen = mask_generator(14)
+    assert (gen.num_masked, gen.min_block) == (75, 16)
+    assert mask_generator(8, 10, 3).num_masked == 10
+    assert type(mask_generator(8, random_masking=True)).__name__ == "RandomMaskGenerator"
+
+
+def test_start_batch_resumes_the_stream_exactly_across_workers_and_epochs(digits_shards):
+    # Two workers, an epoch of 5 batches: batch 7 is the third of epoch 1 and comes from worker 1.
+    kw = dict(num_workers=2, epoch_batches=5, seed=3)
+    reference = _take(_loader(digits_shards, **kw), 12)
+    resumed = _take(_loader(digits_shards, start_batch=7, **kw), 5)
+    for ref, got in zip(reference[7:], resumed, strict=True):
+        assert torch.equal(ref.images, got.images)
+        assert torch.equal(ref.tokens, got.tokens)
+        assert torch.equal(ref.mask, got.mask)
+    # Epochs differ (new shard order, buffer and masks), and the two workers read different samples.
+    assert _digests(reference[:5]) != _digests(reference[5:10])
+    assert not set(_digests(reference[0:1])) & set(_digests(reference[1:2]))
+
+
+def test_ranks_split_the_shards_and_cover_every_sample_once(digits_shards):
+    # 3 shards of 250, 250 and 100 samples over 2 ranks: rank 0 reads shards 0 and 2, rank 1 shard 1.
+    # Without a shuffle buffer, one epoch of 35 batches of 10 is exactly one pass over rank 0's shards.
+    shard_set = open_shard_set(digits_shards)
+    assert _loader(digits_shards, rank=1, world_size=2, batch_size=10).epoch_batches == 600 // (10 * 2)
+    seen = []
+    for rank, samples in ((0, 350), (1, 250)):
+        loader = _loader(
+            digits_shards, rank=rank, world_size=2, batch_size=10, epoch_batches=35, shuffle_buffer=1
+        )
+        seen += _digests(_take(loader, 35))[:samples]
+    stored = []
+    for shard in shard_set.shards:
+        for _, members in iter_tar_samples(shard.path):
+            stored.append(hashlib.sha1(decode_jpeg(members["jpg"]).numpy().tobytes()).hexdigest())
+    assert Counter(seen) == Counter(stored)
+
+
+def test_bad_samples_are_skipped_counted_and_logged(digits_shards, tmp_path, caplog):
+    directory = tmp_path / "damaged"
+    shutil.copytree(digits_shards, directory)
+    *others, shard = open_shard_set(directory).shards  # keep only the 100-sample shard complete
+    for other in others:
+        other.path.with_name(other.path.name.replace(".tar", ".stats.json")).unlink()
+    with tarfile.open(shard.path) as tar:
+        members = tar.getmembers()
+    jpg = next(m for m in members if m.name.endswith(".jpg"))
+    tokens = [m for m in members if m.name.endswith(".tokens.npy")][1]
+    with open(shard.path, "r+b") as f:
+        f.seek(jpg.offset_data + 2)  # keep the SOI marker, destroy the rest
+        f.write(b"\x00" * (jpg.size - 2))
+        f.seek(tokens.offset_data + tokens.size - 128)  # the last 64 uint16 ids -> 65535
+        f.write(b"\xff" * 128)
+    loader = _loader(directory, batch_size=10, shuffle_buffer=1)  # samples in tar order
+    with caplog.at_level(logging.WARNING, logger="beit.train.loader"):
+        batches = _take(loader, 9)  # 90 good samples: the first pass over the shard, bad samples 0 and 1
+    assert sum(b.skipped for b in batches) == 2
+    assert all(b.images.shape[0] == 10 for b in batches)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert jpg.name.split(".")[0] in messages and "undecodable jpg" in messages
+    assert tokens.name.split(".")[0] in messages and "outside [0, 512)" in messages
+
+
+def test_refuses_shards_that_do_not_fit_the_model(digits_shards):
+    shard_set = open_shard_set(digits_shards)
+    check_compatible(shard_set, model_config("tiny", mim=True))
+    with pytest.raises(BeitError, match="512-token vocabulary"):
+        check_compatible(shard_set, model_config("tiny", mim=True, vocab_size=8192))
+    with pytest.raises(BeitError, match="8x8 token grids"):
+        check_compatible(shard_set, model_config("tiny", mim=True, patch_size=8))
+    with pytest.raises(BeitError, match="32-px images"):
+        check_compatible(shard_set, model_config("tiny", mim=True, image_size=64, patch_size=8))
+    with pytest.raises(BeitError, match="no shards of split 'val'"):
+        _loader(digits_shards, split="val")
+
+
+def test_jpeg_decoder_matches_pil_bit_for_bit():
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).resize((96, 96)).save(buf, "JPEG", quality=95)
+    ours = decode_jpeg(buf.getvalue())
+    pil = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 96, 96)
+    np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), pil)
+    gray = io.BytesIO()
+    Image.fromarray(skdata.camera()).resize((40, 40)).save(gray, "JPEG")
+    assert decode_jpeg(gray.getvalue()).shape == (3, 40, 40)  # grayscale JPEGs come out RGB
+
+
+@pytest.mark.parametrize(
+    "name,mean,std",
+    [("half", (0.5,) * 3, (0.5,) * 3), ("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
+)
+def test_normalize_matches_torchvision(name, mean, std):
+    images = torch.from_numpy(skdata.astronaut()[:64, :64]).permute(2, 0, 1).unsqueeze(0).contiguous()
+    expected = TF.normalize(images.float() / 255, mean, std)
+    torch.testing.assert_close(Normalize.named(name)(images), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BeitError, match="unknown normalization"):
+        Normalize.named("zscore")
+
+
+def test_read_npy_matches_np_load_and_refuses_pickles():
+    for array in (np.arange(64, dtype=np.uint16).reshape(8, 8), np.asfortranarray(np.eye(3)), np.zeros(0)):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        ours = read_npy(buf.getvalue())
+        assert ours.dtype == array.dtype and ours.flags.f_contiguous == array.flags.f_contiguous
+        np.testing.assert_array_equal(ours, np.load(io.BytesIO(buf.getvalue())))
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        read_npy(pickled.getvalue())
+    with pytest.raises(ValueError):
+        read_npy(buf.getvalue()[:-3])  # truncated data

@@ -1,0 +1,265 @@
+"""The pretraining loop end to end on real shards (digits tokenized by the job, tiny preset): it learns,
+writes what it promises, resumes a killed run exactly, and runs as two gloo processes on uneven shards."""
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from beit.config import PretrainConfig, pretrain_config
+from beit.errors import BeitError
+from beit.model.checkpoint import load_checkpoint
+from beit.shards import open_shard_set
+from beit.train.optim import cosine_schedule
+from beit.train.pretrain import checkpoints, pretrain
+
+TINY = dict(preset="tiny", model={"depth": 2}, num_workers=1, tensorboard=False)
+# One intra-op thread: on a small shared machine two threads per process fight for the cores (3-10x slower).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lines(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _token_counts(shards: Path) -> Counter:
+    counts = Counter()
+    for shard in open_shard_set(shards).shards:
+        with tarfile.open(shard.path) as tar:
+            for member in tar:
+                if member.name.endswith(".tokens.npy"):
+                    counts.update(np.load(io.BytesIO(tar.extractfile(member).read())).ravel().tolist())
+    return counts
+
+
+@pytest.fixture(scope="module")
+def tiny_run(digits_shards, tmp_path_factory) -> Iterator[tuple[PretrainConfig, dict]]:
+    cfg = pretrain_config(
+        **TINY,
+        shards=str(digits_shards),
+        output=str(tmp_path_factory.mktemp("run") / "tiny"),
+        steps=100,
+        warmup_steps=10,
+        batch_size=32,
+        log_every=10,
+        save_every=50,
+        keep_last=1,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield cfg, pretrain(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_loss_falls_and_masked_accuracy_beats_context_free_guessing(tiny_run, digits_shards):
+    cfg, final = tiny_run
+    records = _metrics(Path(cfg.output))
+    assert [r["step"] for r in records] == list(range(10, 101, 10))
+    assert final == records[-1]
+    vocab = 512
+    assert records[0]["loss"] > 0.9 * math.log(vocab)  # starts near uniform guessing
+    assert final["loss"] < 0.5 * math.log(vocab)
+    assert final["mlm_acc"] > 50 / vocab
+    # Stronger: better than always naming the most frequent token, so the encoder uses the visible context.
+    counts = _token_counts(digits_shards)
+    majority = max(counts.values()) / sum(counts.values())
+    assert len(counts) > 20 and majority < 0.5  # the tokens carry information (precondition)
+    assert final["mlm_acc"] > majority
+    # ~24 of 64 patches masked per image (blockwise masks stop early at times).
+    assert 20 < final["masked_per_image"] <= 24
+    schedule = cosine_schedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup_steps)
+    assert [r["lr"] for r in records] == pytest.approx([schedule[r["step"] - 1] for r in records])
+    assert all(r["grad_norm"] > 0 and r["images_per_s"] > 0 and r["skipped"] == 0 for r in records)
+
+
+def test_run_directory_holds_checkpoints_and_a_fine_tunable_model(tiny_run, digits_shards):
+    cfg, _ = tiny_run
+    run = Path(cfg.output)
+    assert [step for step, _ in checkpoints(run)] == [100]  # keep_last=1 pruned step 50
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    last = run / "checkpoints" / "step_00000100"
+    assert {
+        "model.safetensors",
+        "config.json",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "trainer_state.json",
+    } <= {p.name for p in last.iterdir()}
+    config = json.loads((run / "config.json").read_text())
+    assert config["tokenizer"] == open_shard_set(digits_shards).tokenizer
+    assert config["pretrain"]["config"]["steps"] == 100
+    model = load_checkpoint(run)
+    assert model.config == cfg.model_config()
+    final_weights = load_checkpoint(last).state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, final_weights[name])
+    assert json.loads((run / "pretrain.json").read_text()) == cfg.to_dict()
+
+
+def test_refuses_to_overwrite_a_run_or_resume_another_model(tiny_run):
+    cfg, _ = tiny_run
+    with pytest.raises(BeitError, match="already holds a run"):
+        pretrain(cfg)
+    other = pretrain_config(**{**cfg.to_dict(), "model": {"depth": 3}})
+    with pytest.raises(BeitError, match="another model configuration"):
+        pretrain(other, resume=True)
+
+
+def _command(shards: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "beit",
+        "pretrain",
+        str(shards),
+        "--output",
+        str(run),
+        "--preset",
+        "tiny",
+        "--model",
+        "depth=2",
+        "--no-tensorboard",
+        *extra,
+    ]
+
+
+def test_killed_run_resumes_at_the_same_step_and_continues_the_curve(digits_shards, tmp_path):
+    # Two workers, 2 micro-batches per step and a 7-batch epoch: the resume point lands mid-epoch with a
+    # worker rotation, so this exercises the exact data-stream position as well as the training state.
+    args = [
+        "--steps",
+        "16",
+        "--warmup-steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--grad-accum",
+        "2",
+        "--log-every",
+        "1",
+        "--save-every",
+        "4",
+        "--num-workers",
+        "2",
+        "--epoch-batches",
+        "7",
+    ]
+    subprocess.run(
+        _command(digits_shards, tmp_path / "whole", *args), check=True, capture_output=True, env=ENV
+    )
+    reference = _metrics(tmp_path / "whole")
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command(digits_shards, run, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+    )
+    deadline = time.monotonic() + 240
+    while not ((run / "checkpoints" / "step_00000008").is_dir() and _lines(run) >= 10):
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint at step 8 in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resume_step = checkpoints(run)[-1][0]
+    assert 8 <= resume_step < 16 and _lines(run) > resume_step  # it had gone past the checkpoint
+
+    subprocess.run(_command(digits_shards, run, *args, "--resume"), check=True, capture_output=True, env=ENV)
+    resumed = _metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 17))  # each step once: the killed tail was dropped
+    assert checkpoints(run)[-1][0] == 16
+    for ours, theirs in zip(resumed, reference, strict=True):
+        for key in ("step", "loss", "mlm_acc", "lr", "wd", "grad_norm", "masked_per_image"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (ours["step"], key)
+
+
+def test_two_process_gloo_run_on_uneven_shards_finishes(digits_shards, tmp_path):
+    # Shards of 250, 250 and 100 samples: rank 0 streams 350, rank 1 250, yet both run the same steps.
+    run = tmp_path / "ddp"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+    ]
+    command = _command(
+        digits_shards,
+        run,
+        "--steps",
+        "12",
+        "--warmup-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "4",
+        "--save-every",
+        "6",
+        "--mixed-precision",
+        "bf16",
+    )
+    done = subprocess.run(torchrun + command[1:], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert records[0]["epoch"] == pytest.approx(4 / (600 // (16 * 2)))  # epoch length counts both ranks
+    assert records[-1]["images_per_s"] > 0
+    last = run / "checkpoints" / "step_00000012"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last.iterdir()}
+    assert (run / "model.safetensors").is_file()
+
+
+def test_cli_refuses_shards_of_another_vocabulary_in_one_line(digits_shards, tmp_path):
+    command = _command(digits_shards, tmp_path / "run")
+    command[command.index("tiny")] = "base"  # 8192 tokens on a 14x14 grid vs the shards' 512 on 8x8
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "512-token vocabulary" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_precedence_preset_then_toml_then_options(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\nlr = 1e-3\nsteps = 50\n[model]\ndepth = 2\n')
+    cfg = pretrain_config(toml, steps=40, lr=None)
+    assert (cfg.preset, cfg.lr, cfg.steps, cfg.batch_size) == ("tiny", 1e-3, 40, 64)  # batch from the preset
+    assert cfg.model_config().depth == 2 and cfg.model_config().mim
+    base = pretrain_config()
+    assert (base.lr, base.min_lr, base.weight_decay, base.betas, base.clip_grad, base.drop_path) == (
+        1.5e-3,
+        1e-5,
+        0.05,
+        (0.9, 0.999),
+        3.0,
+        0.1,
+    )
+    assert base.model_config().layer_scale_init == 0.1 and base.model_config().rel_pos_shared
+    assert pretrain_config(preset="large").clip_grad == 1.0
+    assert pretrain_config(preset="large").model_config().layer_scale_init == 1e-5
+    with pytest.raises(BeitError, match="unknown pretraining option"):
+        pretrain_config(learning_rate=1.0)
+    with pytest.raises(BeitError, match="warmup_steps"):
+        pretrain_config(steps=10, warmup_steps=10)
+    with pytest.raises(BeitError, match="unknown model override"):
+        pretrain_config(model={"width": 3})
