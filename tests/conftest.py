@@ -1,5 +1,6 @@
 """Shared fixtures: a real shard set made by the tokenization job from scikit-learn's digits."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,18 @@ def digits_shards(digits_folder, tmp_path_factory) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `beit ARGS` in-process through the console entry point: returns (exit code, stdout, stderr)."""
+    from beit.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["beit", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage import data as skdata
 
-from beit.cli import main
 from beit.errors import BeitError
 from beit.tokenize import dvae_train
 from beit.tokenize.base import Tokenizer
@@ -275,17 +273,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path: Path, few: Path) -> None:
         train_dvae(tmp_path / "run", tmp_path / "run3", MICRO, micro_cfg(), device="cpu")
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple:
-    monkeypatch.setattr(sys, "argv", ["beit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def test_cli_train_resume_and_reconstruct(
-    tmp_path: Path, few: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_cli_train_resume_and_reconstruct(tmp_path: Path, few: Path, run_cli) -> None:
     out = str(tmp_path / "tok")
     shape = [
         "--preset",
@@ -305,17 +293,11 @@ def test_cli_train_resume_and_reconstruct(
         "--log-every",
         "1",
     ]
-    code, text, _ = run_cli(
-        monkeypatch, capsys, "tokenizer", "train", "--data", str(few), "--out", out, *shape, "--steps", "2"
-    )
+    code, text, _ = run_cli("tokenizer", "train", "--data", str(few), "--out", out, *shape, "--steps", "2")
     assert code == 0 and "step 2: reconstruction loss" in text
-    code, _, err = run_cli(
-        monkeypatch, capsys, "tokenizer", "train", "--data", str(few), "--out", out, *shape
-    )
+    code, _, err = run_cli("tokenizer", "train", "--data", str(few), "--out", out, *shape)
     assert code == 2 and err.count("\n") == 1 and "--resume" in err
     code, text, _ = run_cli(
-        monkeypatch,
-        capsys,
         "tokenizer",
         "train",
         "--data",
@@ -334,8 +316,6 @@ def test_cli_train_resume_and_reconstruct(
 
     grid = tmp_path / "grid.png"
     code, text, _ = run_cli(
-        monkeypatch,
-        capsys,
         "tokenizer",
         "reconstruct",
         "--tokenizer",
@@ -349,5 +329,5 @@ def test_cli_train_resume_and_reconstruct(
     )
     assert code == 0 and "mean PSNR" in text and grid.is_file()
     assert Image.open(grid).size == (2 + 3 * (16 + 2), 2 + 2 * (16 + 2))
-    code, text, _ = run_cli(monkeypatch, capsys, "tokenizer", "info", out)
+    code, text, _ = run_cli("tokenizer", "info", out)
     assert code == 0 and json.loads(text)["fingerprint"] == load_tokenizer(out).fingerprint()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from beit.cli import main
 from beit.errors import BeitError
 from beit.tokenize.base import Tokenizer
 from beit.tokenize.dalle import DalleTokenizer, convert_dalle, fetch_dalle, load_dalle_pickle
@@ -274,21 +272,8 @@ def test_fetch_dalle_downloads_checks_and_renames(tmp_path: Path, local_server: 
     assert sorted(p.name for p in out.iterdir()) == ["encoder.pkl"]
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple:
-    """Run `beit ARGS` in-process through the console entry point; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["beit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def test_cli_errors_are_one_line_and_convert_works(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_cli_errors_are_one_line_and_convert_works(tmp_path: Path, run_cli) -> None:
     code, _, err = run_cli(
-        monkeypatch,
-        capsys,
         "tokenizer",
         "fetch-dalle",
         "--out",
@@ -301,12 +286,12 @@ def test_cli_errors_are_one_line_and_convert_works(
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: cannot download")
     bad = tmp_path / "bad.pkl"
     torch.save(torch.nn.Linear(2, 2), bad)
-    code, _, err = run_cli(monkeypatch, capsys, "tokenizer", "convert", str(bad))
+    code, _, err = run_cli("tokenizer", "convert", str(bad))
     assert code == 2 and err.count("\n") == 1 and "refused" in err
 
     torch.save(small_encoder(), tmp_path / "encoder.pkl")
-    code, out, _ = run_cli(monkeypatch, capsys, "tokenizer", "convert", str(tmp_path / "encoder.pkl"))
+    code, out, _ = run_cli("tokenizer", "convert", str(tmp_path / "encoder.pkl"))
     assert code == 0 and (tmp_path / "encoder.safetensors").is_file()
-    code, out, _ = run_cli(monkeypatch, capsys, "tokenizer", "info", str(tmp_path / "encoder.safetensors"))
+    code, out, _ = run_cli("tokenizer", "info", str(tmp_path / "encoder.safetensors"))
     expected = load_tokenizer(tmp_path / "encoder.pkl").fingerprint()
     assert code == 0 and json.loads(out)["fingerprint"] == expected
