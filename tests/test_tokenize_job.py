@@ -336,7 +336,7 @@ def test_new_items_and_more_views_extend_without_rewriting(tmp_path):
 def test_file_lists_and_folders_plan_the_same_items(images, tmp_path):
     root, entries = scan_source(images)
     assert root == images and len(entries) == 28 and entries == sorted(entries)
-    assert entries[0] == ("0/000.jpg", "0") and entries[-1][1] == "photo"
+    assert entries[0] == ("0/0000.jpg", "0") and entries[-1][1] == "photo"
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{images.name}/{p}\t{lb}\n" for p, lb in reversed(entries)) + "# comment\n\n")
     assert scan_source(listing) == (tmp_path, [(f"{images.name}/{p}", lb) for p, lb in entries])
@@ -346,7 +346,7 @@ def test_file_lists_and_folders_plan_the_same_items(images, tmp_path):
     with pytest.raises(BeitError, match="does not exist"):
         scan_source(tmp_path / "missing")
     with pytest.raises(BeitError, match="neither a folder nor a file list"):
-        scan_source(images / "0" / "000.jpg")
+        scan_source(images / "0" / "0000.jpg")
 
 
 def test_partition_from_flag_or_launcher_environment(monkeypatch):
