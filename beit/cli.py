@@ -37,7 +37,7 @@ def model_summary(
 
     from beit.model import create_model
     from beit.model.vit import count_flops
-    from beit.train.loader import scaled_mask_size
+    from beit.train.masking import scaled_mask_size
 
     overrides = {} if image_size is None else {"image_size": image_size}
     with torch.device("meta"):

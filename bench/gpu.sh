@@ -47,7 +47,8 @@ from beit.model.vit import count_flops
 from beit.shards import open_shard_set
 from beit.tokenize.dvae import DiscreteVAE, DVAETokenizer, dvae_config
 from beit.tokenize.job import tokenize_dataset
-from beit.train.loader import Normalize, mask_generator, shard_loader
+from beit.train.loader import Normalize, shard_loader
+from beit.train.masking import mask_generator
 from beit.train.optim import build_optimizer
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.model import create_model
-from beit.train.loader import mask_generator
+from beit.train.masking import mask_generator
 
 
 def _time(fn, device: torch.device) -> float:

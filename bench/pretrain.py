@@ -44,7 +44,8 @@ from tokenize_job import make_photos
 
 from beit.model import create_model
 from beit.shards import iter_tar_samples, open_shard_set
-from beit.train.loader import Normalize, decode_jpeg, mask_generator, shard_loader
+from beit.train.loader import Normalize, decode_jpeg, shard_loader
+from beit.train.masking import mask_generator
 from beit.train.optim import build_optimizer
 
 
@@ -213,7 +214,8 @@ def decode_rates(shards: Path, repeats: int) -> dict[str, float]:
 PEAK_RSS = """
 import itertools, sys
 from beit.shards import open_shard_set
-from beit.train.loader import mask_generator, shard_loader
+from beit.train.loader import shard_loader
+from beit.train.masking import mask_generator
 def peak_mb():  # VmHWM: this address space's peak RSS
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 loader = shard_loader(open_shard_set(sys.argv[1]), batch_size=32, masks=mask_generator(14), num_workers=0)

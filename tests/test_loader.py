@@ -24,12 +24,10 @@ from beit.train.loader import (
     _stream_rng,
     check_compatible,
     decode_jpeg,
-    mask_generator,
     read_npy,
-    scaled_mask_size,
     shard_loader,
 )
-from beit.train.masking import MaskGenerator
+from beit.train.masking import MaskGenerator, mask_generator, scaled_mask_size
 
 
 def _loader(shards, **kw):

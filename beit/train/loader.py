@@ -115,31 +115,6 @@ def read_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype, count, start).reshape(shape, order="F" if fortran else "C")
 
 
-def scaled_mask_size(num_patches: int) -> tuple[int, int]:
-    """The official 75 masked patches with blocks of at least 16, out of 196, scaled to another grid:
-    (round(75/196·N), max(4, round(16/196·N))); for 196 patches exactly (75, 16), for 8×8 (24, 5)."""
-    return round(75 / 196 * num_patches), max(4, round(16 / 196 * num_patches))
-
-
-def mask_generator(
-    grid: int,
-    num_masked: int | None = None,
-    min_block: int | None = None,
-    *,
-    max_block: int | None = None,
-    min_aspect: float = 0.3,
-    random_masking: bool = False,
-) -> MaskGenerator | RandomMaskGenerator:
-    """The blockwise generator for a `grid`×`grid` patch grid; unset sizes follow `scaled_mask_size`.
-    `random_masking` gives the paper's uniform-random ablation instead."""
-    default_count, default_block = scaled_mask_size(grid * grid)
-    num_masked = default_count if num_masked is None else num_masked
-    if random_masking:
-        return RandomMaskGenerator(grid, num_masked)
-    min_block = default_block if min_block is None else min_block
-    return MaskGenerator(grid, num_masked, min_block=min_block, max_block=max_block, min_aspect=min_aspect)
-
-
 def check_compatible(shard_set: ShardSet, config: ModelConfig) -> None:
     """Refuse shards whose tokenizer vocabulary, token grid or image size does not fit the model."""
     name = shard_set.tokenizer.get("name", "tokenizer")

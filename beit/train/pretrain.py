@@ -44,7 +44,8 @@ from beit.model import create_model
 from beit.model.checkpoint import save_checkpoint
 from beit.shards import open_shard_set
 from beit.shards.format import write_atomic
-from beit.train.loader import Normalize, check_compatible, mask_generator, shard_loader
+from beit.train.loader import Normalize, check_compatible, shard_loader
+from beit.train.masking import mask_generator
 from beit.train.optim import apply_schedule, build_optimizer, cosine_schedule
 
 log = logging.getLogger(__name__)
