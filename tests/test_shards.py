@@ -18,6 +18,7 @@ from beit.shards import decode_sample, iter_tar_samples, open_shard_set
 from beit.shards.format import (
     ShardFormatError,
     ShardWriter,
+    _tar_members,
     encode_jpeg,
     encode_json,
     encode_tokens,
@@ -44,6 +45,22 @@ def shard_set(tmp_path_factory) -> Path:
 def copy(shard_set, tmp_path) -> Path:
     """A private copy of the shard set to damage."""
     return Path(shutil.copytree(shard_set, tmp_path / "copy"))
+
+
+def test_tar_reader_matches_tarfile_and_rejects_damaged_headers(shard_set, tmp_path):
+    shard = open_shard_set(shard_set).shards[0].path
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+        expected = [(member.name, tar.extractfile(member).read()) for member in members]
+    assert list(_tar_members(shard)) == expected and len(expected) == 15
+    damaged = bytearray(shard.read_bytes())
+    damaged[members[4].offset + 10] ^= 0x01  # a name byte in a later header: only the checksum can tell
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    with pytest.raises(ShardFormatError, match="unreadable tar .bad header checksum"):
+        list(_tar_members(tmp_path / "damaged.tar"))
+    (tmp_path / "cut.tar").write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(ShardFormatError, match="truncated"):
+        list(_tar_members(tmp_path / "cut.tar"))
 
 
 def some_samples(n: int = 3) -> list[tuple[str, dict[str, bytes]]]:
