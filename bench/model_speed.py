@@ -1,9 +1,10 @@
 """Side-by-side timings of the two speed choices in the BEiT model, printed as JSON with ratios.
 
-1. attention: `scaled_dot_product_attention` with the relative bias as additive mask vs the explicit
-   softmax path (`return_attn=True`, kept for attention maps), forward + backward of one attention layer;
-2. MIM head: `lm_head` on the masked rows only vs on all N patch tokens followed by row selection,
-   forward + backward of the whole pretraining model.
+1. attention: `scaled_dot_product_attention` with the trainable relative bias as additive mask vs the
+   explicit softmax (`beit.model.vit.attend`), forward + backward of the attention core of one layer;
+   the model takes the explicit one when training on the CPU, SDPA elsewhere;
+2. MIM: the last block, the final norm and `lm_head` on the masked rows only (`model(images, mask)`) vs
+   everything on all N patch tokens followed by row selection, forward + backward of the whole model.
 
 Alternatives are interleaved in one run (this machine is noisy); the median of `--repeats` is reported.
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.model import create_model
+from beit.model.vit import attend
 from beit.train.masking import mask_generator
 
 
@@ -64,14 +66,13 @@ def main() -> None:
     mask = torch.stack([torch.from_numpy(generator()) for _ in range(args.batch)]).flatten(1).to(device)
     targets = torch.randint(0, cfg.vocab_size, (int(mask.sum()),), device=device)
 
-    attn = model.blocks[0].attn
-    x = torch.randn(args.batch, cfg.num_patches + 1, cfg.embed_dim, device=device, requires_grad=True)
+    shape = (args.batch, cfg.num_heads, cfg.num_patches + 1, cfg.embed_dim // cfg.num_heads)
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
 
     def attention(explicit: bool):
         def step() -> None:
-            bias = model.rel_pos_bias()  # [H, N+1, N+1], part of the graph as in training
-            out = attn(x, bias, return_attn=True)[0] if explicit else attn(x, bias)
-            out.sum().backward()
+            bias = model.rel_pos_bias().unsqueeze(0)  # [1, H, N+1, N+1], part of the graph as in training
+            attend(q, k, v, bias, explicit=explicit)[0].sum().backward()
 
         return step
 

@@ -267,6 +267,61 @@ def test_mim_head_runs_only_on_masked_rows():
     assert torch.isfinite(loss)
 
 
+def uneven_masks(grid: int) -> torch.Tensor:
+    """Three masks with different counts, the last one empty: bool [3, grid²]."""
+    mask = torch.cat((random_masks(grid, seed=4), torch.zeros(1, grid * grid, dtype=torch.bool)))
+    mask[1, mask[1].nonzero()[:5, 0]] = False
+    assert len(set(mask.sum(1).tolist())) == 3
+    return mask
+
+
+def test_mim_forward_on_masked_rows_equals_all_tokens_in_training():
+    # The last block runs on the masked rows only (padded per batch); with stochastic depth drawing the
+    # same per-sample decisions, outputs and gradients equal those of the full all-token forward.
+    model = create_model("tiny", mim=True, drop_path_rate=0.3).train()
+    model.load_state_dict(randomize(model, seed=5))
+    images, mask = torch.cat((photos(32), photos(32)[:1])), uneven_masks(8)
+    grads = []
+    for all_tokens in (False, True):
+        torch.manual_seed(0)
+        logits = model(images, mask, return_all_tokens=all_tokens)
+        logits = logits[mask] if all_tokens else logits
+        logits.pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad()
+        if not all_tokens:
+            rows_logits = logits.detach()
+        else:
+            assert torch.allclose(rows_logits, logits, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "rel_pos_bias.relative_position_bias_table" in grads[0]
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-5, rtol=1e-4), name
+    with torch.no_grad():
+        assert model(images, torch.zeros_like(mask)).shape == (0, 512)  # nothing masked, nothing predicted
+
+
+def test_mim_training_gradients_match_timm():
+    # One training step's loss and gradients against timm's Beit (SDPA attention, all tokens through every
+    # block), with the mask token put in by a hook as above: checks the masked-row last block, the
+    # explicit CPU attention and the fused LayerScale residual in training mode.
+    ours = create_model("tiny", mim=True, use_abs_pos_emb=True, drop_path_rate=0.0).train()
+    theirs = timm_pretrain_layout(init_values=0.1, use_abs_pos_emb=True, use_shared_rel_pos_bias=True)
+    theirs.train()
+    state = randomize(ours, seed=6)
+    ours.load_state_dict(state)
+    theirs.load_state_dict({k: v for k, v in state.items() if k != "mask_token" and "lm_head" not in k})
+    images, mask = torch.cat((photos(32), photos(32)[:1])), uneven_masks(8)
+    w = mask.unsqueeze(-1).float()
+    theirs.patch_embed.register_forward_hook(lambda m, i, out: out * (1 - w) + ours.mask_token * w)
+    tokens = torch.randint(0, 512, (3, 64), generator=torch.Generator().manual_seed(0))[mask]
+    F.cross_entropy(ours(images, mask), tokens).backward()
+    F.cross_entropy(ours.lm_head(theirs.forward_features(images)[:, 1:][mask]), tokens).backward()
+    timm_grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        if name in timm_grads:  # the lm_head and mask_token got both gradients; the rest one each
+            assert torch.allclose(param.grad, timm_grads[name].grad, atol=1e-5, rtol=1e-4), name
+
+
 def test_bad_masks_and_images_raise_beit_error():
     model = create_model("tiny", mim=True)
     images = photos(32)
@@ -397,11 +452,10 @@ def test_drop_path_is_identity_in_eval_and_per_sample_in_training():
     with torch.no_grad():
         assert torch.equal(model(images), reference(images))
     drop = DropPath(0.5).train()
-    out = drop(torch.ones(2000, 3, 4))
-    per_sample = out.flatten(1)
-    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()  # a whole sample dropped or scaled
-    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
-    assert torch.equal(drop.eval()(out), out)
+    scale = drop.sample_scale(torch.ones(2000, 3, 4))
+    assert scale.shape == (2000, 1, 1) and set(scale.unique().tolist()) == {0.0, 2.0}  # dropped or 1/(1-p)
+    assert (scale == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+    assert drop.eval().sample_scale(torch.ones(2, 3)) is None and DropPath(0.0).sample_scale(scale) is None
 
 
 # ---- config, presets, create_model ---------------------------------------------------------------------
@@ -478,8 +532,11 @@ def test_flops_equal_the_analytic_count(preset):
     assert count_flops(cfg) == expected
     mim = cfg.replace(num_classes=0, mim=True)
     head = 2 * dim * cfg.vocab_size
-    assert count_flops(mim, num_masked=10) - count_flops(mim, num_masked=9) == head
-    assert count_flops(mim) == count_flops(mim, num_masked=n)  # default: the head on every patch
+    # forward_mim runs the last block's queries, attention output, MLP and the head on masked rows only
+    per_row = 2 * dim * dim + 2 * 2 * tokens * dim + 2 * dim * dim + 2 * 2 * dim * 4 * dim + head
+    assert count_flops(mim, num_masked=10) - count_flops(mim, num_masked=9) == per_row
+    last_block_on_cls = per_row - head
+    assert count_flops(mim) == count_flops(mim, num_masked=n) + last_block_on_cls  # return_all_tokens
 
 
 def test_cli_model_summary():

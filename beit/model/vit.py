@@ -60,6 +60,22 @@ def _gather_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table[index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1).contiguous()
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] at the token positions rows [B, M] → [B, M, D]."""
+    return x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def masked_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token positions of the masked patches (CLS = 0, so patch i is token i+1), ascending per image
+    and padded to the largest count M in the batch: (rows int64 [B, M], valid bool [B, M]).
+    `x[valid]` for x [B, M, …] is then in `mask.nonzero()` order."""
+    counts = mask.sum(dim=1)
+    most = int(counts.max()) if mask.shape[0] else 0
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :most]  # masked first
+    valid = torch.arange(most, device=mask.device) < counts.unsqueeze(1)
+    return order + 1, valid
+
+
 class RelativePositionBias(nn.Module):
     """One relative-position table shared by every block (the pretraining layout, `rel_pos_bias.*`)."""
 
@@ -92,11 +108,29 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)  # [B, D, g, g] → [B, N, D]
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    dropout: float = 0.0,
+    explicit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q·kᵀ/√hd + bias)·v for q [B, H, M, hd], k and v [B, H, T, hd], bias broadcastable to
+    [B, H, M, T]: → ([B, H, M, hd], None) by `scaled_dot_product_attention`, or with `explicit` by a
+    plain softmax that also returns the probabilities [B, H, M, T]."""
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout), None
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+    return F.dropout(probs, dropout) @ v, probs
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with q/v biases and no k bias; optional per-block relative bias.
 
     The fast path is `scaled_dot_product_attention` with the relative bias as an additive float mask;
-    `return_attn=True` takes the explicit-softmax path and also returns the probabilities.
+    `return_attn=True`, and training on the CPU, take the explicit softmax (see `forward`).
     """
 
     def __init__(
@@ -120,32 +154,43 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, shared_bias: torch.Tensor | None = None, return_attn: bool = False
+        self,
+        x: torch.Tensor,
+        shared_bias: torch.Tensor | None = None,
+        return_attn: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x [B, N+1, D] (+ shared bias [H, N+1, N+1]) → [B, N+1, D] (and probabilities [B, H, N+1, N+1])."""
+        """x [B, T, D] (+ shared bias [H, T, T]) → [B, T, D] (and probabilities [B, H, T, T]).
+
+        With `rows` (token positions, int64 [B, M]) only those M queries are computed, against all T
+        keys and values: → [B, M, D] (and [B, H, M, T]).
+        """
         B, T, D = x.shape
-        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
-        q, k, v = qkv.unbind(0)
+        H, hd = self.num_heads, self.head_dim
+        k_bias = torch.zeros_like(self.v_bias)
+        if rows is None:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, k_bias, self.v_bias)))
+            q, k, v = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
+        else:
+            q_weight, kv_weight = self.qkv.weight.split((D, 2 * D))
+            q = F.linear(gather_rows(x, rows), q_weight, self.q_bias)
+            q = q.view(B, -1, H, hd).transpose(1, 2)  # [B, H, M, hd]
+            kv = F.linear(x, kv_weight, torch.cat((k_bias, self.v_bias)))
+            k, v = kv.view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
 
         bias = shared_bias
         if self.relative_position_bias_table is not None:
             own = _gather_bias(self.relative_position_bias_table, self.relative_position_index)
             bias = own if bias is None else bias + own
-        attn = None
-        if return_attn:
-            logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # [B, H, T, T]
-            if bias is not None:
-                logits = logits + bias
-            attn = logits.softmax(dim=-1)
-            x = F.dropout(attn, self.attn_drop, self.training) @ v
-        else:
-            mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)  # [1, H, T, T]
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
-            )
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, T, D)))
+        if bias is not None:  # [H, T, T] → [1, H, T, T], or the queried rows [B, H, M, T]
+            bias = bias.unsqueeze(0) if rows is None else bias[:, rows].transpose(0, 1)
+            bias = bias.to(q.dtype)
+        # SDPA's CPU kernels take no gradient for an additive mask: with a trainable bias on the CPU it
+        # falls back to its unfused math path, whose NaN-safe softmax makes it slower than the explicit
+        # one (bench/model_speed.py). Elsewhere, and for a frozen bias, the fused kernel runs.
+        explicit = return_attn or (bias is not None and bias.requires_grad and q.device.type == "cpu")
+        x, attn = attend(q, k, v, bias, self.attn_drop if self.training else 0.0, explicit)
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, -1, D)))
         return (x, attn) if return_attn else x
 
 
@@ -165,17 +210,19 @@ class Mlp(nn.Module):
 
 class DropPath(nn.Module):
     """Stochastic depth: in training, zero a sample's residual branch with probability `p`, scale the
-    survivors by 1/(1−p); the identity in eval mode."""
+    survivors by 1/(1−p); the identity in eval mode. `Block` applies the factor fused with LayerScale."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def sample_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample factor [B, 1, …, 1] for the branch `x`: 0 (dropped) or 1/(1−p) (kept); None when
+        inactive (eval mode or p = 0). Cheap: the full-size multiply is left to the caller to fuse."""
         if not self.training or self.p == 0.0:
-            return x
+            return None
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
+        return keep.div_(1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -198,12 +245,22 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gamma_1 is None:
-            x = x + self.drop_path(self.attn(self.norm1(x), shared_bias))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), shared_bias))
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+    def _add_branch(self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        """x + DropPath(γ·branch) as one fused multiply-add by the per-sample factor γ·keep/(1−p) [B,1,D]
+        (three full-size elementwise passes fewer than computing each factor on its own, backward too)."""
+        scale = self.drop_path.sample_scale(branch)
+        if gamma is not None:
+            scale = gamma if scale is None else scale * gamma
+        return x + branch if scale is None else torch.addcmul(x, branch, scale)
+
+    def forward(
+        self, x: torch.Tensor, shared_bias: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, T, D] → [B, T, D]; with `rows` (int64 [B, M]) only the outputs at those token positions,
+        [B, M, D], every token still serving as key and value (all the MIM model's last block needs)."""
+        branch = self.attn(self.norm1(x), shared_bias, rows=rows)
+        x = self._add_branch(x if rows is None else gather_rows(x, rows), branch, self.gamma_1)
+        return self._add_branch(x, self.mlp(self.norm2(x)), self.gamma_2)
 
 
 class BEiT(nn.Module):
@@ -291,8 +348,8 @@ class BEiT(nn.Module):
         if mask is not None:
             if self.mask_token is None:
                 raise BeitError("this model has no mask token (fine-tuning layout); build it with mim=True")
-            w = self._check_mask(mask, x.shape[0]).unsqueeze(-1).to(x.dtype)  # [B, N, 1]
-            x = x * (1 - w) + self.mask_token * w
+            masked = self._check_mask(mask, x.shape[0]).unsqueeze(-1)  # [B, N, 1]
+            x = torch.where(masked, self.mask_token, x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [B, N+1, D]
         if self.pos_embed is not None:
             x = x + self.pos_embed
@@ -301,12 +358,15 @@ class BEiT(nn.Module):
     def _shared_bias(self) -> torch.Tensor | None:
         return self.rel_pos_bias() if self.rel_pos_bias is not None else None
 
-    def _encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding and every block, before the final norm: [B, N+1, D]."""
+    def _encode(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embedding and every block, before the final norm: [B, N+1, D]. With `rows` (int64 [B, M]) the
+        last block computes only the outputs at those token positions: [B, M, D]."""
         x, bias = self.embed(images, mask), self._shared_bias()  # bias [H, N+1, N+1], once per forward
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, bias)
-        return x
+        return self.blocks[-1](x, bias, rows=rows)
 
     def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """All tokens after the last block and the final `norm` (identity with mean pooling): [B, N+1, D]."""
@@ -361,10 +421,14 @@ class BEiT(nn.Module):
         if self.lm_head is None:
             raise BeitError("this model has no MIM head (fine-tuning layout); build it with mim=True")
         mask = self._check_mask(mask, images.shape[0])
-        patches = self._encode(images, mask)[:, 1:]  # [B, N, D]
-        if not return_all_tokens:
-            patches = patches[mask]  # [M, D]: the norm and the V-way head run on masked rows only
-        return self.lm_head(self.norm(patches))
+        if return_all_tokens:
+            return self.lm_head(self.norm(self._encode(images, mask)[:, 1:]))  # [B, N, V]
+        # Only the masked patches are predicted, so the last block, the norm and the V-way head run on
+        # their rows only (about 4% of a ViT-B step); the outputs equal the all-token ones.
+        rows, valid = masked_rows(mask)
+        if rows.shape[1] == 0:  # nothing masked: no rows to predict
+            return self.lm_head(self.norm(self._encode(images, mask)[:, 1:][mask]))
+        return self.lm_head(self.norm(self._encode(images, mask, rows)[valid]))  # [mask.sum(), V]
 
     def forward(
         self, images: torch.Tensor, mask: torch.Tensor | None = None, return_all_tokens: bool = False
@@ -379,18 +443,19 @@ class BEiT(nn.Module):
 def count_flops(cfg: ModelConfig, num_masked: int | None = None) -> int:
     """FLOPs (a multiply-add counts 2) of one forward pass on one image, counted by `FlopCounterMode` on
     a model built on the meta device (fast for any size; SDPA decomposes into countable matmuls there).
-    A MIM model's head is counted on `num_masked` patches (None: all N, the `return_all_tokens` cost)."""
-    if cfg.mim:
-        num_masked = cfg.num_patches if num_masked is None else num_masked
-        if not 0 < num_masked <= cfg.num_patches:
-            raise BeitError(f"num_masked must be in 1..{cfg.num_patches}, got {num_masked}")
+    A MIM model is counted as `forward_mim` runs it: the last block and the head on `num_masked` patches
+    only (None: the `return_all_tokens` cost, everything on all N patches)."""
+    if cfg.mim and num_masked is not None and not 0 < num_masked <= cfg.num_patches:
+        raise BeitError(f"num_masked must be in 1..{cfg.num_patches}, got {num_masked}")
     with torch.device("meta"):
         model = BEiT(cfg).eval()
         images = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size)
+        rows = None if num_masked is None else torch.arange(1, num_masked + 1).unsqueeze(0)  # any rows
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        features = model.forward_features(images)
-        if cfg.mim:  # the masked rows only (which rows does not change the count)
-            model.lm_head(features[0, 1 : num_masked + 1])
+        if not cfg.mim:
+            model.forward_head(model.forward_features(images))
+        elif rows is None:
+            model.lm_head(model.norm(model._encode(images)[:, 1:]))
         else:
-            model.forward_head(features)
+            model.lm_head(model.norm(model._encode(images, rows=rows)))
     return counter.get_total_flops()
