@@ -5,6 +5,7 @@ import hashlib
 import io
 import itertools
 import logging
+import os
 import shutil
 import tarfile
 from collections import Counter
@@ -21,6 +22,7 @@ from beit.errors import BeitError
 from beit.shards import iter_tar_samples, open_shard_set
 from beit.train.loader import (
     Normalize,
+    ShardStream,
     _stream_rng,
     check_compatible,
     decode_jpeg,
@@ -89,6 +91,28 @@ def test_start_batch_resumes_the_stream_exactly_across_workers_and_epochs(digits
     # Epochs differ (new shard order, buffer and masks), and the two workers read different samples.
     assert _digests(reference[:5]) != _digests(reference[5:10])
     assert not set(_digests(reference[0:1])) & set(_digests(reference[1:2]))
+
+
+def test_workers_start_once_and_cross_epochs_themselves(digits_shards, tmp_path, monkeypatch):
+    # Epochs of 1 batch and 2 workers: 6 batches span 6 epochs, yet each worker process starts once (a
+    # loader per epoch would start 12). Forked workers inherit the patched __iter__ and log their start.
+    starts = tmp_path / "starts"
+    original = ShardStream.__iter__
+
+    def logged(self):
+        with open(starts, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(self)
+
+    monkeypatch.setattr(ShardStream, "__iter__", logged)
+    kw = dict(num_workers=2, epoch_batches=1, seed=5)
+    batches = _take(_loader(digits_shards, **kw), 6)
+    pids = starts.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2 and str(os.getpid()) not in pids
+    assert len({tuple(_digests([b])) for b in batches}) == 6  # six different batches
+    monkeypatch.setattr(ShardStream, "__iter__", original)
+    resumed = _take(_loader(digits_shards, start_batch=3, **kw), 3)
+    assert _digests(resumed) == _digests(batches[3:])
 
 
 def test_ranks_split_the_shards_and_cover_every_sample_once(digits_shards):

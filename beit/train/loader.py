@@ -6,15 +6,15 @@ Pipeline, in each DataLoader worker (REFERENCE.md §10.2, §10.4):
         ─► shuffle buffer (raw bytes, webdataset) ─► JPEG decode + token check + blockwise mask ─► batch
 
 The tar members are read by the shard format's own reader rather than webdataset's generic tar expander
-(it parses the fixed USTAR headers itself: about 10 µs per member against tarfile's 60); the loader
-around it is webdataset's `WebLoader`.
+(it parses the fixed USTAR headers itself: about 10 µs per member against tarfile's 60); the shuffle
+buffer is webdataset's.
 
 - Every process (rank) builds its own loader; it is never `accelerator.prepare()`d. Each rank-worker pair
-  is one *stream*. With at least as many shards as streams, stream i reads shards i, i+S, i+2S, … (split
-  across nodes and workers); with fewer, every stream reads all shards. A stream never ends: it goes over
-  its shards again and again in a new order each pass (resampled shards), so every rank yields exactly
-  `epoch_batches` batches per epoch (`with_epoch` on the loader) whatever the shard sizes: uneven shards
-  cannot hang DDP.
+  is one *stream* per epoch. With at least as many shards as streams, stream i reads shards i, i+S,
+  i+2S, … (split across nodes and workers); with fewer, every stream reads all shards. A stream never
+  ends: it goes over its shards again and again in a new order each pass (resampled shards), so every
+  rank yields exactly `epoch_batches` batches per epoch whatever the shard sizes: uneven shards cannot
+  hang DDP. The workers move from epoch to epoch themselves: they start once per run, not per epoch.
 - Everything random (shard order, shuffle buffer, one mask seed per sample) is seeded from
   (seed, epoch, stream), so batch k of a run is a function of (seed, k, rank, world size, workers).
   `start_batch` resumes the stream exactly: the workers drop the consumed samples before decoding them.
@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from beit.config import ModelConfig
 from beit.errors import BeitError
@@ -143,10 +143,12 @@ def _stream_rng(*parts: object) -> random.Random:
 
 
 class ShardStream(IterableDataset):
-    """The per-rank dataset behind `shard_loader`: endless batches of one rank, split across its workers.
+    """The per-rank dataset behind `shard_loader`: the rank's endless batches, split across its workers.
 
-    `epoch` and `start` (batches of this epoch already consumed, across all workers) are read when the
-    workers start, so the loader sets them before each epoch.
+    Batch b of the run is batch i = b mod `epoch_batches` of epoch e = b div `epoch_batches`; it holds the
+    samples of stream (rank, role = i mod W), W being the workers, from position (i div W)·B on. The
+    DataLoader takes batch b from worker b mod W, so each worker yields every W-th batch from `start`
+    (read when the workers start) and moves through the epochs itself: workers live for the whole run.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class ShardStream(IterableDataset):
         grid: int,
         vocab_size: int,
         batch_size: int,
+        epoch_batches: int,
         masks: MaskGenerator | RandomMaskGenerator,
         rank: int = 0,
         world_size: int = 1,
@@ -166,29 +169,24 @@ class ShardStream(IterableDataset):
         super().__init__()
         if not shards:
             raise BeitError("the loader got no shards; check the shard set and --split")
+        if epoch_batches < 1:
+            raise BeitError(f"epoch_batches must be at least 1, got {epoch_batches}")
         if (masks.height, masks.width) != (grid, grid):
             raise BeitError(
                 f"the mask generator's grid {masks.height}x{masks.width} is not the token grid {grid}"
             )
         self.paths = [s.path for s in shards]
         self.image_size, self.grid, self.vocab_size = image_size, grid, vocab_size
-        self.batch_size, self.masks = batch_size, masks
+        self.batch_size, self.epoch_batches, self.masks = batch_size, epoch_batches, masks
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
-        self.epoch, self.start = 0, 0
+        self.start = 0
         self._skipped = 0
 
-    def _role(self) -> tuple[int, int]:
-        """(role, workers): the DataLoader yields batch k of an epoch from worker k % W, so after resuming
-        at batch `start`, worker w plays role (w + start) % W to continue every role's own sequence."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return (worker + self.start) % workers, workers
-
-    def _samples(self, stream: int, streams: int) -> Iterator[dict]:
+    def _samples(self, epoch: int, stream: int, streams: int) -> Iterator[dict]:
         """Raw samples of this stream's shards, endlessly, in a new shard order every pass."""
         paths = self.paths[stream::streams] if len(self.paths) >= streams else list(self.paths)
-        rng = _stream_rng("shards", self.seed, self.epoch, stream)
+        rng = _stream_rng("shards", self.seed, epoch, stream)
         while True:
             rng.shuffle(paths)
             found = 0
@@ -203,8 +201,8 @@ class ShardStream(IterableDataset):
             if not found:
                 raise BeitError(f"no readable samples in the {len(paths)} shard(s) of rank {self.rank}")
 
-    def decode(self, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One raw sample -> (uint8 [3,S,S], int64 [g,g]); raises BadSample with the reason."""
+    def decode(self, sample: dict) -> tuple[torch.Tensor, np.ndarray]:
+        """One raw sample -> (uint8 [3,S,S], integer tokens [g,g]); raises BadSample with the reason."""
         if "jpg" not in sample or "tokens.npy" not in sample:
             raise BadSample(f"missing member(s): has {sorted(k for k in sample if not k.startswith('__'))}")
         try:
@@ -223,34 +221,34 @@ class ShardStream(IterableDataset):
             raise BadSample(
                 f"tokens are {tokens.dtype} {tokens.shape}, expected integers ({self.grid}, {self.grid})"
             )
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+        negative = tokens.dtype.kind == "i" and tokens.min() < 0  # unsigned ids (the norm) skip a pass
+        if negative or tokens.max() >= self.vocab_size:
             raise BadSample(f"token ids outside [0, {self.vocab_size})")
-        return image, torch.from_numpy(tokens.astype(np.int64))
+        return image, tokens
 
-    def __iter__(self) -> Iterator[Batch]:
-        role, workers = self._role()
+    def _batches(self, epoch: int, role: int, workers: int, first: int) -> Iterator[Batch]:
+        """Batches first, first+1, … of one role (stream) in one epoch, endlessly."""
         stream, streams = self.rank * workers + role, self.world_size * workers
-        self._skipped = 0
-        samples = self._samples(stream, streams)
-        shuffle_rng = _stream_rng("buffer", self.seed, self.epoch, stream)
+        samples = self._samples(epoch, stream, streams)
+        shuffle_rng = _stream_rng("buffer", self.seed, epoch, stream)
         samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(
             samples
         )
-        # Drop this role's share of the `start` batches already consumed, before decoding anything.
-        done = len(range(role, self.start, workers)) * self.batch_size
-        index = done
-        samples = itertools.islice(samples, done, None)
+        # Drop the stream's samples of the batches before `first`, before decoding anything.
+        index = first * self.batch_size
+        samples = itertools.islice(samples, index, None)
         size, g = self.image_size, self.grid
         while True:
             # Channels-last memory, as the decoder writes it: filling a batch is then a plain copy (a
-            # transposing copy into NCHW took 40% as long as decoding the JPEG).
+            # transposing copy into NCHW took 40% as long as decoding the JPEG). Tokens and masks are
+            # filled in numpy, which costs a tenth of a torch indexing call per row.
             images = torch.empty(self.batch_size, size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
-            tokens = torch.empty(self.batch_size, g, g, dtype=torch.int64)
-            mask = torch.empty(self.batch_size, g * g, dtype=torch.bool)
+            tokens = np.empty((self.batch_size, g, g), dtype=np.int64)
+            mask = np.empty((self.batch_size, g * g), dtype=bool)
             for i in range(self.batch_size):
                 while True:
                     sample = next(samples)
-                    seed = ("mask", self.seed, self.epoch, stream, index)
+                    seed = ("mask", self.seed, epoch, stream, index)
                     index += 1
                     try:
                         images[i], tokens[i] = self.decode(sample)
@@ -260,42 +258,49 @@ class ShardStream(IterableDataset):
                             "skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), err
                         )
                         self._skipped += 1
-                mask[i] = torch.from_numpy(self.masks(rng=_stream_rng(*seed)).reshape(-1))
-            yield Batch(images, tokens, mask, self._skipped)
+                mask[i] = self.masks(rng=_stream_rng(*seed)).reshape(-1)
+            yield Batch(images, torch.from_numpy(tokens), torch.from_numpy(mask), self._skipped)
             self._skipped = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._skipped = 0
+        batch = self.start + worker  # this worker yields batches batch, batch + W, batch + 2W, …
+        while True:
+            epoch, index = divmod(batch, self.epoch_batches)
+            for item in self._batches(epoch, index % workers, workers, first=index // workers):
+                yield item
+                batch += workers
+                if batch // self.epoch_batches != epoch:
+                    break
 
 
 class ShardLoader:
     """Endless batches for one rank: `iter(loader)` starts at batch `start_batch` and crosses epochs.
 
-    Each epoch is one `wds.WebLoader` (a DataLoader over `ShardStream`, never prepared by Accelerate)
-    cut to `epoch_batches` batches with `.with_epoch`, so every rank runs the same number of batches.
+    A DataLoader over `ShardStream`, never prepared by Accelerate; its workers live for the whole
+    iteration. Every rank yields the same `epoch_batches` batches per epoch.
     """
 
-    def __init__(
-        self, stream: ShardStream, *, epoch_batches: int, num_workers: int = 4, pin_memory: bool = False
-    ) -> None:
-        if epoch_batches < 1:
-            raise BeitError(f"epoch_batches must be at least 1, got {epoch_batches}")
-        self.stream, self.epoch_batches = stream, epoch_batches
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+    def __init__(self, stream: ShardStream, *, num_workers: int = 4, pin_memory: bool = False) -> None:
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.epoch_batches = stream.epoch_batches
         self.start_batch = 0
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, start = divmod(self.start_batch, self.epoch_batches)
-        while True:
-            self.stream.epoch, self.stream.start = epoch, start
-            # A private generator: starting workers must not consume the global torch RNG (exact resume).
-            loader = wds.WebLoader(
+        self.stream.start = self.start_batch
+        # A private generator: starting workers must not consume the global torch RNG (exact resume).
+        return iter(
+            DataLoader(
                 self.stream,
                 batch_size=None,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
-                generator=torch.Generator().manual_seed(epoch),
+                generator=torch.Generator().manual_seed(0),
                 prefetch_factor=4 if self.num_workers else None,
-            ).with_epoch(self.epoch_batches - start)
-            yield from loader
-            epoch, start = epoch + 1, 0
+            )
+        )
 
 
 def shard_loader(
@@ -332,13 +337,14 @@ def shard_loader(
         grid=shard_set.grid,
         vocab_size=shard_set.vocab_size,
         batch_size=batch_size,
+        epoch_batches=epoch_batches,
         masks=masks,
         rank=rank,
         world_size=world_size,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
     )
-    loader = ShardLoader(stream, epoch_batches=epoch_batches, num_workers=num_workers, pin_memory=pin_memory)
+    loader = ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
     loader.start_batch = start_batch
     return loader
 
