@@ -11,7 +11,7 @@
 #    per image over the GPU's dense bf16 peak), eager and with torch.compile;
 # 3. the whole trainer: `beit pretrain --mixed-precision bf16` streaming those shards (loader workers,
 #    host-to-device copies, logging, final checkpoint): images/s from metrics.jsonl and the same MFU;
-# 4. the loader alone: samples/s with 1 and WORKERS workers.
+# 4. the loader alone: samples/s with 1 and WORKERS workers, and per worker over plain JPEG decoding.
 #
 # Knobs (environment): PRESET (base), BATCH (128 per step), STEPS (60), SAMPLES (4096), WORKERS (10),
 # COMPILE (1: also time torch.compile), DEVICE (cuda; "cpu" only to smoke-test this script), OUT, PYTHON.
@@ -44,11 +44,11 @@ import torch.nn.functional as F
 
 from beit.model import create_model
 from beit.model.vit import count_flops
-from beit.shards import open_shard_set
+from beit.shards import iter_tar_samples, open_shard_set
 from beit.tokenize.dvae import DiscreteVAE, DVAETokenizer, dvae_config
 from beit.tokenize.job import tokenize_dataset
-from beit.train.loader import Normalize, shard_loader
-from beit.train.masking import mask_generator
+from beit.train.loader import Normalize, decode_jpeg, shard_loader
+from beit.train.masking import mask_generator, scaled_mask_size
 from beit.train.optim import build_optimizer
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -76,7 +76,7 @@ def sync() -> None:
 
 
 # ---- 1. a shard set made by the tokenization job ----------------------------------------------------------
-spec = importlib.util.spec_from_file_location("bench_tokenize", "bench/tokenize.py")
+spec = importlib.util.spec_from_file_location("bench_tokenize_job", "bench/tokenize_job.py")
 bench_tokenize = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench_tokenize)
 t0 = time.perf_counter()
@@ -127,7 +127,8 @@ def model_step_rates() -> tuple[dict, int]:
             rates["compiled"] = images_per_s(torch.compile(model))
         except Exception as err:  # report it, keep the other numbers
             rates["compiled_error"] = f"{type(err).__name__}: {err}"[:300]
-    return rates, 3 * count_flops(cfg)  # forward + backward ~ 3 x forward (MIM head on the masked rows)
+    # forward + backward ~ 3 x forward, counted as forward_mim runs it (last block and head on 75 rows)
+    return rates, 3 * count_flops(cfg, scaled_mask_size(cfg.num_patches)[0])
 
 
 rates, flops_per_image = model_step_rates()
@@ -179,6 +180,14 @@ for n in sorted({1, workers}):
     loader_rates[str(n)] = count * batch / (time.perf_counter() - start)
     del stream
 result["loader_images_per_s_by_workers"] = loader_rates
+# Target (c) of bench/pretrain.py on this machine: loader images/s per worker over plain decoding.
+jpegs = [m["jpg"] for s in shard_set.shards[:4] for _, m in iter_tar_samples(s.path)]
+start = time.perf_counter()
+for data in jpegs:
+    decode_jpeg(data)
+decode_rate = len(jpegs) / (time.perf_counter() - start)
+result["plain_decode_images_per_s"] = decode_rate
+result["loader_per_worker_over_decode"] = {n: r / int(n) / decode_rate for n, r in loader_rates.items()}
 
 text = json.dumps(result, indent=2)
 out.write_text(text + "\n")
