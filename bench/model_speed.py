@@ -4,7 +4,10 @@
    explicit softmax (`beit.model.vit.attend`), forward + backward of the attention core of one layer;
    the model takes the explicit one when training on the CPU, SDPA elsewhere;
 2. MIM: the last block, the final norm and `lm_head` on the masked rows only (`model(images, mask)`) vs
-   everything on all N patch tokens followed by row selection, forward + backward of the whole model.
+   everything on all N patch tokens followed by row selection, forward + backward of the whole model;
+3. AdamW: one optimizer step with PyTorch's fused kernel (what `build_optimizer` uses) vs the
+   multi-tensor (foreach) implementation (the default on CUDA) and the per-parameter loop (the default
+   on the CPU), over the model's parameter groups.
 
 Alternatives are interleaved in one run (this machine is noisy); the median of `--repeats` is reported.
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from beit.model import create_model
 from beit.model.vit import attend
 from beit.train.masking import mask_generator
+from beit.train.optim import param_groups
 
 
 def _time(fn, device: torch.device) -> float:
@@ -86,6 +90,16 @@ def main() -> None:
 
         return step
 
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    variants = {"fused": {"fused": True}, "foreach": {"foreach": True}, "per_parameter": {"foreach": False}}
+    optimizers = {  # fresh groups each: an optimizer writes its defaults into the group dicts it gets
+        name: torch.optim.AdamW(param_groups(model, weight_decay=0.05), lr=1e-4, **flags)
+        for name, flags in variants.items()
+    }
+    adamw_times = race({name: opt.step for name, opt in optimizers.items()}, args.repeats, device)
+    model.zero_grad(set_to_none=True)
+
     attention_times = race({"sdpa": attention(False), "explicit": attention(True)}, args.repeats, device)
     head_times = race({"masked_rows": mim(True), "all_tokens": mim(False)}, args.repeats, device)
     print(
@@ -100,6 +114,10 @@ def main() -> None:
                 "attention_explicit_over_sdpa": attention_times["explicit"] / attention_times["sdpa"],
                 "mim_step_fwd_bwd_s": head_times,
                 "mim_all_tokens_over_masked_rows": head_times["all_tokens"] / head_times["masked_rows"],
+                "adamw_step_s": adamw_times,
+                "adamw_over_fused": {
+                    name: adamw_times[name] / adamw_times["fused"] for name in ("foreach", "per_parameter")
+                },
             },
             indent=2,
         )

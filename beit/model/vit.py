@@ -70,7 +70,7 @@ def masked_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and padded to the largest count M in the batch: (rows int64 [B, M], valid bool [B, M]).
     `x[valid]` for x [B, M, …] is then in `mask.nonzero()` order."""
     counts = mask.sum(dim=1)
-    most = int(counts.max()) if mask.shape[0] else 0
+    most = int(counts.max())
     order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :most]  # masked first
     valid = torch.arange(most, device=mask.device) < counts.unsqueeze(1)
     return order + 1, valid
@@ -426,8 +426,6 @@ class BEiT(nn.Module):
         # Only the masked patches are predicted, so the last block, the norm and the V-way head run on
         # their rows only (about 4% of a ViT-B step); the outputs equal the all-token ones.
         rows, valid = masked_rows(mask)
-        if rows.shape[1] == 0:  # nothing masked: no rows to predict
-            return self.lm_head(self.norm(self._encode(images, mask)[:, 1:][mask]))
         return self.lm_head(self.norm(self._encode(images, mask, rows)[valid]))  # [mask.sum(), V]
 
     def forward(
@@ -450,12 +448,12 @@ def count_flops(cfg: ModelConfig, num_masked: int | None = None) -> int:
     with torch.device("meta"):
         model = BEiT(cfg).eval()
         images = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size)
-        rows = None if num_masked is None else torch.arange(1, num_masked + 1).unsqueeze(0)  # any rows
+        masked_only = cfg.mim and num_masked is not None
+        rows = torch.arange(1, num_masked + 1).unsqueeze(0) if masked_only else None  # which: no matter
     with FlopCounterMode(display=False) as counter, torch.no_grad():
+        features = model.norm(model._encode(images, rows=rows))  # [1, M, D] or [1, N+1, D]
         if not cfg.mim:
-            model.forward_head(model.forward_features(images))
-        elif rows is None:
-            model.lm_head(model.norm(model._encode(images)[:, 1:]))
+            model.forward_head(features)
         else:
-            model.lm_head(model.norm(model._encode(images, rows=rows)))
+            model.lm_head(features if masked_only else features[:, 1:])
     return counter.get_total_flops()

@@ -285,8 +285,12 @@ class ShardLoader:
 
     def __init__(self, stream: ShardStream, *, num_workers: int = 4, pin_memory: bool = False) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.epoch_batches = stream.epoch_batches
         self.start_batch = 0
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return self.stream.epoch_batches
 
     def __iter__(self) -> Iterator[Batch]:
         self.stream.start = self.start_batch
