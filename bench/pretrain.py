@@ -13,6 +13,7 @@
     the same run, on 224-px views of real photos written by the tokenization job. Target: >= 0.8.
     `handover_ms_per_batch`: what a DataLoader worker pays to hand one batch of images to the main
     process (moving it into fresh shared memory) against copying it into memory that is reused.
+    `mask_us`: microseconds of one official 14x14 mask with its per-sample seeding, as the loader draws it.
     `loader_peak_rss_mb`: peak RSS of a fresh process streaming the same samples stored in 2, 30 and 240
     shards (target: flat).
 
@@ -30,6 +31,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -46,7 +48,7 @@ from tokenize_job import make_photos
 
 from beit.model import create_model
 from beit.shards import iter_tar_samples, open_shard_set
-from beit.train.loader import Normalize, decode_jpeg, shard_loader
+from beit.train.loader import Normalize, _stream_rng, decode_jpeg, shard_loader
 from beit.train.masking import mask_generator, scaled_mask_size
 from beit.train.optim import build_optimizer
 
@@ -225,17 +227,49 @@ def pil_decode(data: bytes) -> torch.Tensor:
 
 
 def decode_rates(shards: Path, repeats: int) -> dict[str, float]:
-    """Samples/s of decoding the loader's JPEG bytes from memory in one thread, with our decoder and PIL."""
+    """Samples/s of decoding the loader's JPEG bytes from memory in one thread, with our decoder and PIL,
+    and with our decoder as the loader meets the bytes: copies of them in a shuffled pool the size of the
+    shuffle buffer (out of the CPU caches by the time one is read), each image copied into a batch."""
     jpegs = [m["jpg"] for s in open_shard_set(shards).shards for _, m in iter_tar_samples(s.path)]
+    pool = [bytes(bytearray(data)) for data in jpegs * -(-1000 // len(jpegs))]
+    random.Random(0).shuffle(pool)
+    batch = torch.empty(32, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    turn = itertools.count()
+
+    def as_in_loader() -> None:
+        start = next(turn) % (len(pool) // len(jpegs)) * len(jpegs)  # a different part of the pool each call
+        for i, data in enumerate(pool[start : start + len(jpegs)]):
+            batch[i % len(batch)] = decode_jpeg(data)
+
     seconds = race(
         {
-            name: lambda f=f: [f(data) for data in jpegs]
-            for name, f in (("ours", decode_jpeg), ("pil", pil_decode))
+            **{
+                name: lambda f=f: [f(data) for data in jpegs]
+                for name, f in (("ours", decode_jpeg), ("pil", pil_decode))
+            },
+            "ours_as_in_loader": as_in_loader,
         },
         repeats,
         torch.device("cpu"),
     )
     return {name: len(jpegs) / s for name, s in seconds.items()}
+
+
+def mask_us(repeats: int, count: int = 1000) -> dict[str, float]:
+    """Microseconds per sample of seeding a mask RNG the loader's way and of drawing the official mask."""
+    masks = mask_generator(14)
+    seeds = [("mask", 0, 0, 0, index) for index in range(count)]
+    rngs: list = []
+
+    def seed_rngs() -> None:
+        rngs[:] = [_stream_rng(*seed) for seed in seeds]
+
+    def generate() -> None:
+        for rng in rngs:
+            masks(rng=rng)
+
+    seconds = race({"seed_rng": seed_rngs, "generate": generate}, repeats, torch.device("cpu"))
+    return {name: 1e6 * s / count for name, s in seconds.items()}
 
 
 PEAK_RSS = """
@@ -283,6 +317,7 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
         "decode_samples_s": decode,
         "loader_samples_s": rates,
         "handover_ms_per_batch_of_32": handover_ms(32, repeats),
+        "mask_us": mask_us(repeats),
         "loader_per_worker_over_decode": {
             base: {name: rate / decode[base] for name, rate in per_worker.items()} for base in decode
         },

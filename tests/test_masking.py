@@ -1,5 +1,6 @@
 """Blockwise masking against the official algorithm's published statistics and anchor (REFERENCE.md §2)."""
 
+import math
 import random
 
 import numpy as np
@@ -20,6 +21,58 @@ def test_seeded_mask_reproduces_the_official_anchor():
     mask = MaskGenerator((14, 14), 75, min_block=16, seed=42)()
     assert mask.dtype == bool and mask.shape == (14, 14)
     np.testing.assert_array_equal(mask, expected)
+
+
+def official_masks(rng, height, width, num_masked, min_block, max_block, min_aspect):
+    """The official `MaskingGenerator.__call__`, transcribed literally (numpy boxes, `random` helpers)."""
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    mask = np.zeros((height, width), dtype=int)
+    count = 0
+    while count < num_masked:
+        budget = min(num_masked - count, max_block)
+        delta = 0
+        for _ in range(10):
+            target_area = rng.uniform(min_block, budget)
+            aspect_ratio = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < width and h < height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                num_masked_box = mask[top : top + h, left : left + w].sum()
+                if 0 < h * w - num_masked_box <= budget:
+                    for i in range(top, top + h):
+                        for j in range(left, left + w):
+                            if mask[i, j] == 0:
+                                mask[i, j] = 1
+                                delta += 1
+            if delta > 0:
+                break
+        if delta == 0:
+            break
+        count += delta
+    return mask
+
+
+@pytest.mark.parametrize(
+    "grid, num_masked, min_block, max_block, min_aspect",
+    [
+        ((14, 14), 75, 16, None, 0.3),
+        ((14, 14), 75, 4, None, 0.3),
+        ((8, 8), 24, 5, None, 0.3),
+        ((7, 20), 50, 3, 12, 0.5),
+        ((24, 24), 300, 16, 100, 0.2),
+    ],
+)
+def test_masks_equal_the_literal_official_algorithm(grid, num_masked, min_block, max_block, min_aspect):
+    gen = MaskGenerator(grid, num_masked, min_block=min_block, max_block=max_block, min_aspect=min_aspect)
+    for seed in range(400):
+        rng, official_rng = random.Random(seed), random.Random(seed)
+        expected = official_masks(
+            official_rng, *grid, num_masked, min_block, max_block or num_masked, min_aspect
+        )
+        np.testing.assert_array_equal(gen(rng=rng), expected.astype(bool), err_msg=f"seed {seed}")
+        assert rng.random() == official_rng.random()  # the same number of draws, too
 
 
 def test_official_statistics_over_20k_masks():
