@@ -30,7 +30,8 @@ from beit.train.masking import mask_generator
 from beit.train.optim import param_groups
 
 
-def _time(fn, device: torch.device) -> float:
+def seconds_of(fn, device: torch.device) -> float:
+    """Seconds of one call of `fn`, with the GPU synchronized before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -47,7 +48,7 @@ def race(alternatives: dict, repeats: int, device: torch.device) -> dict[str, fl
     times: dict[str, list[float]] = {name: [] for name in alternatives}
     for _ in range(repeats):
         for name, fn in alternatives.items():
-            times[name].append(_time(fn, device))
+            times[name].append(seconds_of(fn, device))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -11,8 +11,11 @@
     (the FLOP bound is 105 / (105 + 52) = 0.67).
 (c) `loader`: samples/s of the shard loader per worker against plain JPEG decoding of the same bytes in
     the same run, on 224-px views of real photos written by the tokenization job. Target: >= 0.8.
-    `handover_ms_per_batch`: what a DataLoader worker pays to hand one batch of images to the main
-    process (moving it into fresh shared memory) against copying it into memory that is reused.
+    `us_per_sample`: wall time per sample, and the part spent in the stream's own code (tar reading,
+    shuffling, decoding, checks, masks, batching) in-process and in one worker; the rest is what the
+    DataLoader adds (moving each batch into shared memory, its queues).
+    `decode_slowdown_when_another_cpu_is_busy`: whether this machine's CPUs slow each other down, which
+    depresses every per-worker rate measured on it.
     `mask_us`: microseconds of one official 14x14 mask with its per-sample seeding, as the loader draws it.
     `loader_peak_rss_mb`: peak RSS of a fresh process streaming the same samples stored in 2, 30 and 240
     shards (target: flat).
@@ -29,6 +32,7 @@ import argparse
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -42,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from model_speed import race  # bench/ is on sys.path when this script runs
+from model_speed import race, seconds_of  # bench/ is on sys.path when this script runs
 from PIL import Image
 from tokenize_job import make_photos
 
@@ -183,9 +187,14 @@ def make_shard_sets(work: Path, samples: int) -> dict[int, Path]:
     return sets
 
 
-def loader_rate(shards: Path, workers: int, batches: int, batch: int = 32, buffer: int = 1000) -> float:
+def loader_rate(
+    shards: Path, workers: int, batches: int, batch: int = 32, buffer: int = 1000
+) -> tuple[float, float]:
     """Samples/s of the loader in its steady state, as on a real data set: one long epoch, timed once the
-    shuffle buffer (the trainer's default size) is full. Before that, each output pulls two samples in."""
+    shuffle buffer (the trainer's default size) is full (before that, each output pulls two samples in);
+    and the microseconds per sample spent in the stream's own code, wherever it runs. With workers, the
+    wall time per sample minus that is what the DataLoader adds: moving each batch into shared memory and
+    through its queues."""
     loader = shard_loader(
         open_shard_set(shards),
         batch_size=batch,
@@ -194,30 +203,27 @@ def loader_rate(shards: Path, workers: int, batches: int, batch: int = 32, buffe
         epoch_batches=10**6,
         shuffle_buffer=buffer,
     )
+    spent = torch.zeros(2, dtype=torch.float64).share_memory_()  # seconds, samples; seen by forked workers
+    own_batches = loader.stream._batches
+
+    def timed_batches(*args, **kwargs):
+        batches = own_batches(*args, **kwargs)
+        while True:
+            start = time.perf_counter()
+            item = next(batches)
+            spent.add_(torch.tensor([time.perf_counter() - start, len(item.images)], dtype=torch.float64))
+            yield item
+
+    loader.stream._batches = timed_batches
     stream = iter(loader)
     for _ in range(buffer // batch + 1):
         next(stream)
+    spent.zero_()
     start = time.perf_counter()
     for _ in itertools.islice(stream, batches):
         pass
-    return batches * batch / (time.perf_counter() - start)
-
-
-def handover_ms(batch: int, repeats: int) -> dict[str, float]:
-    """Milliseconds to move a batch of 224-px uint8 images into fresh shared memory, as the DataLoader
-    does with every tensor a worker returns, against copying it into already-touched memory."""
-    images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8)
-    reused = torch.empty_like(images)
-
-    def to_shared_memory() -> None:
-        images.clone().share_memory_()
-
-    seconds = race(
-        {"fresh_shared_memory": to_shared_memory, "reused_memory": lambda: reused.copy_(images)},
-        repeats * 4,
-        torch.device("cpu"),
-    )
-    return {name: 1000 * s for name, s in seconds.items()}
+    rate = batches * batch / (time.perf_counter() - start)
+    return rate, 1e6 * float(spent[0] / spent[1])
 
 
 def pil_decode(data: bytes) -> torch.Tensor:
@@ -253,6 +259,34 @@ def decode_rates(shards: Path, repeats: int) -> dict[str, float]:
         torch.device("cpu"),
     )
     return {name: len(jpegs) / s for name, s in seconds.items()}
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+def decode_slowdown_when_another_cpu_is_busy(shards: Path, repeats: int) -> float:
+    """Tight decoding with a Python busy loop on another CPU over decoding alone. Far above 1 means the
+    CPUs share a core (or the host throttles): then a worker slows down whenever the main process or its
+    own queue thread runs, and per-worker rates here understate what a worker does on its own core."""
+    jpegs = [m["jpg"] for s in open_shard_set(shards).shards for _, m in iter_tar_samples(s.path)]
+    fork = multiprocessing.get_context("fork")
+
+    def decode_all() -> float:
+        return seconds_of(lambda: [decode_jpeg(data) for data in jpegs], torch.device("cpu"))
+
+    alone, contended = [], []
+    for _ in range(repeats):
+        alone.append(decode_all())
+        stop = fork.Event()
+        spinner = fork.Process(target=_spin, args=(stop,))
+        spinner.start()
+        time.sleep(0.2)  # let it get going
+        contended.append(decode_all())
+        stop.set()
+        spinner.join()
+    return sorted(contended)[repeats // 2] / sorted(alone)[repeats // 2]
 
 
 def mask_us(repeats: int, count: int = 1000) -> dict[str, float]:
@@ -295,9 +329,10 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
     batches = 3 * samples // 32  # three passes
     decode = decode_rates(few, repeats)
     names = {0: "in_process", 1: "1_worker", 2: "2_workers"}
-    rates = {
+    runs = {
         names[w]: sorted(loader_rate(few, w, batches) for _ in range(repeats))[repeats // 2] for w in names
     }
+    rates = {name: rate for name, (rate, _) in runs.items()}
     per_worker = {**rates, "2_workers": rates["2_workers"] / 2}
     memory = {}
     for n, path in sorted(sets.items()):
@@ -316,8 +351,12 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
         "grid": 14,
         "decode_samples_s": decode,
         "loader_samples_s": rates,
-        "handover_ms_per_batch_of_32": handover_ms(32, repeats),
+        "us_per_sample": {
+            name: {"wall": 1e6 / runs[name][0], "stream_code": runs[name][1]}
+            for name in ("in_process", "1_worker")
+        },
         "mask_us": mask_us(repeats),
+        "decode_slowdown_when_another_cpu_is_busy": decode_slowdown_when_another_cpu_is_busy(few, repeats),
         "loader_per_worker_over_decode": {
             base: {name: rate / decode[base] for name, rate in per_worker.items()} for base in decode
         },
