@@ -232,11 +232,10 @@ def pil_decode(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
 
 
-def decode_rates(shards: Path, repeats: int) -> dict[str, float]:
-    """Samples/s of decoding the loader's JPEG bytes from memory in one thread, with our decoder and PIL,
-    and with our decoder as the loader meets the bytes: copies of them in a shuffled pool the size of the
-    shuffle buffer (out of the CPU caches by the time one is read), each image copied into a batch."""
-    jpegs = [m["jpg"] for s in open_shard_set(shards).shards for _, m in iter_tar_samples(s.path)]
+def decode_rates(jpegs: list[bytes], repeats: int) -> dict[str, float]:
+    """Samples/s of decoding the loader's JPEG bytes (`jpegs`) from memory in one thread, with our decoder
+    and PIL, and with our decoder as the loader meets the bytes: copies of them in a shuffled pool the size
+    of the shuffle buffer (out of the CPU caches by the time one is read), each image copied into a batch."""
     pool = [bytes(bytearray(data)) for data in jpegs * -(-1000 // len(jpegs))]
     random.Random(0).shuffle(pool)
     batch = torch.empty(32, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -266,11 +265,10 @@ def _spin(stop) -> None:
         pass
 
 
-def decode_slowdown_when_another_cpu_is_busy(shards: Path, repeats: int) -> float:
+def decode_slowdown_when_another_cpu_is_busy(jpegs: list[bytes], repeats: int) -> float:
     """Tight decoding with a Python busy loop on another CPU over decoding alone. Far above 1 means the
     CPUs share a core (or the host throttles): then a worker slows down whenever the main process or its
     own queue thread runs, and per-worker rates here understate what a worker does on its own core."""
-    jpegs = [m["jpg"] for s in open_shard_set(shards).shards for _, m in iter_tar_samples(s.path)]
     fork = multiprocessing.get_context("fork")
 
     def decode_all() -> float:
@@ -327,7 +325,8 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
     sets = make_shard_sets(work, samples)
     few = sets[min(sets)]
     batches = 3 * samples // 32  # three passes
-    decode = decode_rates(few, repeats)
+    jpegs = [m["jpg"] for s in open_shard_set(few).shards for _, m in iter_tar_samples(s.path)]
+    decode = decode_rates(jpegs, repeats)
     names = {0: "in_process", 1: "1_worker", 2: "2_workers"}
     runs = {
         names[w]: sorted(loader_rate(few, w, batches) for _ in range(repeats))[repeats // 2] for w in names
@@ -356,7 +355,7 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
             for name in ("in_process", "1_worker")
         },
         "mask_us": mask_us(repeats),
-        "decode_slowdown_when_another_cpu_is_busy": decode_slowdown_when_another_cpu_is_busy(few, repeats),
+        "decode_slowdown_when_another_cpu_is_busy": decode_slowdown_when_another_cpu_is_busy(jpegs, repeats),
         "loader_per_worker_over_decode": {
             base: {name: rate / decode[base] for name, rate in per_worker.items()} for base in decode
         },
