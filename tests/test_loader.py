@@ -26,6 +26,7 @@ from beit.train.loader import (
     _stream_rng,
     check_compatible,
     decode_jpeg,
+    decode_jpegs,
     read_npy,
     shard_loader,
 )
@@ -181,6 +182,45 @@ def test_jpeg_decoder_matches_pil_bit_for_bit():
     gray = io.BytesIO()
     Image.fromarray(skdata.camera()).resize((40, 40)).save(gray, "JPEG")
     assert decode_jpeg(gray.getvalue()).shape == (3, 40, 40)  # grayscale JPEGs come out RGB
+
+
+def _jpeg(image: np.ndarray, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).resize((size, size)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_decode_jpegs_decodes_a_batch_in_one_call_and_fails_on_a_bad_one():
+    blobs = [_jpeg(skdata.astronaut(), 48), _jpeg(skdata.camera(), 40), _jpeg(skdata.coffee(), 48)]
+    many = decode_jpegs(blobs)
+    assert [tuple(image.shape) for image in many] == [(3, 48, 48), (3, 40, 40), (3, 48, 48)]
+    for blob, image in zip(blobs, many, strict=True):
+        assert torch.equal(image, decode_jpeg(blob))
+    assert decode_jpegs([]) == []
+    with pytest.raises(RuntimeError):
+        decode_jpegs([blobs[0], blobs[1][:2] + bytes(len(blobs[1]) - 2)])
+
+
+def test_decode_keeps_the_good_samples_of_a_chunk_with_their_stream_positions(digits_shards, caplog):
+    stream = _loader(digits_shards).stream
+    _, good = next(iter_tar_samples(open_shard_set(digits_shards).shards[0].path))
+    ok = dict(good, __key__="ok")
+    chunk = [
+        (10, ok),
+        (11, {"__key__": "no-tokens", "jpg": good["jpg"]}),
+        (12, dict(good, __key__="garbage-jpg", jpg=b"\xff\xd8" + bytes(300))),
+        (13, dict(good, __key__="too-big", jpg=_jpeg(skdata.astronaut(), 48))),
+        (14, ok),
+    ]
+    with caplog.at_level(logging.WARNING, logger="beit.train.loader"):
+        decoded = stream.decode(chunk)
+    assert [index for index, _, _ in decoded] == [10, 14]
+    assert torch.equal(decoded[0][1], decode_jpeg(good["jpg"])) and decoded[0][2].shape == (8, 8)
+    assert stream._skipped == 3
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "no-tokens" in messages and "missing member(s): has ['jpg']" in messages
+    assert "garbage-jpg" in messages and "undecodable jpg" in messages
+    assert "too-big" in messages and "image is (3, 48, 48), expected (3, 32, 32)" in messages
 
 
 @pytest.mark.parametrize(
