@@ -11,7 +11,10 @@
     (the FLOP bound is 105 / (105 + 52) = 0.67).
 (c) `loader`: samples/s of the shard loader per worker against plain JPEG decoding of the same bytes in
     the same run (our decoder at its fastest: one call per 32 images, as the loader calls it), on 224-px
-    views of real photos written by the tokenization job. Target: >= 0.8.
+    views of real photos written by the tokenization job. Target: >= 0.8. Each loader run is paired with
+    a tight decode timed just before it; the ratio is the median over pairs (`_range`: min and max).
+    `decode_only_*`: the same for a dataset that only decodes in-memory JPEGs into batches, the ceiling of
+    any loader on the machine at hand.
     `us_per_sample`: wall time per sample, and the part spent in the stream's own code (tar reading,
     shuffling, decoding, checks, masks, batching) in-process and in one worker; the rest is what the
     DataLoader adds (moving each batch into shared memory, its queues).
@@ -33,6 +36,7 @@ import argparse
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -50,6 +54,7 @@ import torch.nn.functional as F
 from model_speed import race, seconds_of  # bench/ is on sys.path when this script runs
 from PIL import Image
 from tokenize_job import make_photos
+from torch.utils.data import DataLoader, IterableDataset
 
 from beit.model import create_model
 from beit.shards import iter_tar_samples, open_shard_set
@@ -227,6 +232,40 @@ def loader_rate(
     return rate, 1e6 * float(spent[0] / spent[1])
 
 
+class DecodeOnly(IterableDataset):
+    """What any loader must at least do, and nothing else: decode in-memory JPEGs into uint8 batches (no
+    tars, shuffling, tokens or masks). Its rate per worker is the ceiling of (c) on the machine at hand."""
+
+    def __init__(self, jpegs: list[bytes], batch: int) -> None:
+        self.jpegs, self.batch = jpegs, batch
+
+    def __iter__(self):
+        size = decode_jpegs(self.jpegs[:1])[0].shape[-1]
+        for start in itertools.cycle(range(0, len(self.jpegs) - self.batch + 1, self.batch)):
+            images = torch.empty(self.batch, size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+            for i, image in enumerate(decode_jpegs(self.jpegs[start : start + self.batch])):
+                images[i] = image
+            yield images
+
+
+def decode_only_rate(jpegs: list[bytes], workers: int, batches: int, batch: int = 32) -> float:
+    """Samples/s of `DecodeOnly` through a DataLoader, in its steady state."""
+    stream = iter(
+        DataLoader(
+            DecodeOnly(jpegs, batch),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )
+    )
+    for _ in range(8):
+        next(stream)
+    start = time.perf_counter()
+    for _ in itertools.islice(stream, batches):
+        pass
+    return batches * batch / (time.perf_counter() - start)
+
+
 def pil_decode(data: bytes) -> torch.Tensor:
     """The plain way: PIL -> RGB -> numpy -> tensor [3, H, W]."""
     with Image.open(io.BytesIO(data)) as img:
@@ -335,11 +374,28 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
     batches = 3 * samples // 32  # three passes
     jpegs = [m["jpg"] for s in open_shard_set(few).shards for _, m in iter_tar_samples(s.path)]
     decode = decode_rates(jpegs, repeats)
-    names = {0: "in_process", 1: "1_worker", 2: "2_workers"}
-    runs = {
-        names[w]: sorted(loader_rate(few, w, batches) for _ in range(repeats))[repeats // 2] for w in names
+    # Each loader run is paired with a tight decode timed just before it, and the ratio is taken per pair:
+    # this machine's speed drifts by up to 1.6x over minutes, much less over a second.
+    setups = {
+        "in_process": lambda: loader_rate(few, 0, batches),
+        "1_worker": lambda: loader_rate(few, 1, batches),
+        "2_workers": lambda: loader_rate(few, 2, batches),
+        "decode_only_in_process": lambda: (decode_only_rate(jpegs, 0, batches), math.nan),
+        "decode_only_1_worker": lambda: (decode_only_rate(jpegs, 1, batches), math.nan),
     }
-    rates = {name: rate for name, (rate, _) in runs.items()}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+    ratios: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(repeats):
+        for name, run in setups.items():
+            tight = len(jpegs) / seconds_of(lambda: decode_in_batches(jpegs), torch.device("cpu"))
+            rate, stream_us = run()
+            runs[name].append((rate, stream_us))
+            ratios[name].append(rate / (2 if name == "2_workers" else 1) / tight)
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    rates = {name: median([rate for rate, _ in results]) for name, results in runs.items()}
     per_worker = {**rates, "2_workers": rates["2_workers"] / 2}
     memory = {}
     for n, path in sorted(sets.items()):
@@ -359,13 +415,17 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
         "decode_samples_s": decode,
         "loader_samples_s": rates,
         "us_per_sample": {
-            name: {"wall": 1e6 / runs[name][0], "stream_code": runs[name][1]}
+            name: {"wall": 1e6 / rates[name], "stream_code": median([us for _, us in runs[name]])}
             for name in ("in_process", "1_worker")
         },
         "mask_us": mask_us(repeats),
         "decode_slowdown_when_another_cpu_is_busy": decode_slowdown_when_another_cpu_is_busy(jpegs, repeats),
-        "loader_per_worker_over_decode": {
-            base: {name: rate / decode[base] for name, rate in per_worker.items()} for base in decode
+        "loader_per_worker_over_decode": {name: median(values) for name, values in ratios.items()},
+        "loader_per_worker_over_decode_range": {
+            name: [min(values), max(values)] for name, values in ratios.items()
+        },
+        "loader_per_worker_over_pil_decode": {
+            name: rate / decode["pil"] for name, rate in per_worker.items()
         },
         "loader_rss_mb_by_shards": memory,
         "peak_rss_max_over_min": max(m["peak"] for m in memory.values())
