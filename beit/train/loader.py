@@ -289,8 +289,8 @@ class ShardStream(IterableDataset):
         size, count = self.image_size, self.batch_size
         while True:
             # Each stage runs over the whole batch before the next one starts, so that its code and data
-            # stay in the CPU caches: interleaved sample by sample, decoding evicted the rest and the loader
-            # ran about 30% slower (bench/pretrain.py).
+            # stay in the CPU caches: interleaved sample by sample, decoding evicted the rest, and the loader
+            # took 1.4 times as long (853 against 604 µs a sample in a one-off side-by-side run).
             good: list[tuple[int, torch.Tensor, np.ndarray]] = []
             while len(good) < count:
                 good += self.decode(list(itertools.islice(numbered, count - len(good))))
