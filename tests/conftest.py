@@ -1,4 +1,4 @@
-"""Shared fixtures: a real shard set made by the tokenization job from scikit-learn's digits."""
+"""Shared fixtures: a real shard set made by the tokenization job from scikit-learn's digits, one thread."""
 
 import sys
 from pathlib import Path
@@ -56,3 +56,15 @@ def run_cli(monkeypatch, capsys):
         return exit_info.value.code, out, err
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small models run several times faster on one thread than on this
+    machine's two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

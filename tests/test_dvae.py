@@ -164,15 +164,6 @@ def test_tokenizer_encode_matches_model_and_saves_losslessly(tmp_path: Path, few
     assert DVAETokenizer(DiscreteVAE(MICRO)).fingerprint()["weights_sha256"] != fp["weights_sha256"]
 
 
-@pytest.fixture
-def one_thread():
-    """Small convs run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_must_show_training_on_real_photos(tmp_path: Path, tiles: Path, one_thread: None) -> None:
     """Reconstruction error falls well below its start; most of the codebook is used (numbers printed)."""
     model_cfg = DVAEConfig(input_size=32, downsample=4, vocab_size=128, hidden=32, codebook_dim=32)

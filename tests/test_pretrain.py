@@ -115,29 +115,24 @@ def test_run_directory_holds_checkpoints_and_a_fine_tunable_model(tiny_run, digi
     assert json.loads((run / "pretrain.json").read_text()) == cfg.to_dict()
 
 
-def test_compiled_run_follows_the_eager_losses_and_saves_plain_names(digits_shards, tmp_path):
+def test_compiled_run_follows_the_eager_losses_and_saves_plain_names(digits_shards, tmp_path, one_thread):
     # --compile: torch.compile (inductor, C++ on the CPU; about a minute to compile) of the whole model,
     # split into graphs where the masked rows are selected. Same data and seed: the same loss curve.
     losses = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for compiled in (False, True):
-            cfg = pretrain_config(
-                **{**TINY, "num_workers": 0},
-                shards=str(digits_shards),
-                output=str(tmp_path / f"compiled-{compiled}"),
-                steps=4,
-                warmup_steps=1,
-                batch_size=16,
-                log_every=1,
-                save_every=100,
-                compile=compiled,
-            )
-            pretrain(cfg)
-            losses[compiled] = [r["loss"] for r in _metrics(Path(cfg.output))]
-    finally:
-        torch.set_num_threads(threads)
+    for compiled in (False, True):
+        cfg = pretrain_config(
+            **{**TINY, "num_workers": 0},
+            shards=str(digits_shards),
+            output=str(tmp_path / f"compiled-{compiled}"),
+            steps=4,
+            warmup_steps=1,
+            batch_size=16,
+            log_every=1,
+            save_every=100,
+            compile=compiled,
+        )
+        pretrain(cfg)
+        losses[compiled] = [r["loss"] for r in _metrics(Path(cfg.output))]
     assert len(losses[True]) == 4 and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     model = load_checkpoint(tmp_path / "compiled-True")  # strict load: no `_orig_mod.` prefixes
