@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import numpy as np
@@ -331,7 +332,7 @@ def decode_slowdown_when_another_cpu_is_busy(jpegs: list[bytes], repeats: int) -
         contended.append(decode_all())
         stop.set()
         spinner.join()
-    return sorted(contended)[repeats // 2] / sorted(alone)[repeats // 2]
+    return median(contended) / median(alone)
 
 
 def mask_us(repeats: int, count: int = 1000) -> dict[str, float]:
@@ -391,9 +392,6 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
             rate, stream_us = run()
             runs[name].append((rate, stream_us))
             ratios[name].append(rate / (2 if name == "2_workers" else 1) / tight)
-
-    def median(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
 
     rates = {name: median([rate for rate, _ in results]) for name, results in runs.items()}
     per_worker = {**rates, "2_workers": rates["2_workers"] / 2}
