@@ -324,9 +324,8 @@ def test_our_checkpoint_loads_into_timm_beit_base_strict(tmp_path):
     save_checkpoint(model, tmp_path / "base")
     weights = load_file(tmp_path / "base" / "model.safetensors")
     assert reference.load_state_dict(weights, strict=True, assign=True).missing_keys == []
-    assert (
-        sum(v.numel() for v in weights.values()) == 86_530_984
-    )  # REFERENCE §6.3: base fine-tune, 1000 classes
+    parameters = sum(v.numel() for v in weights.values())
+    assert parameters == 86_530_984  # REFERENCE §6.3: base fine-tune, 1000 classes
 
 
 @pytest.mark.parametrize(

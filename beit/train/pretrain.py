@@ -134,9 +134,8 @@ def _save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(
-        str(tmp)
-    )  # model, optimizer, grad scaler, every rank's RNG states, accelerate step
+    # The model, optimizer, grad scaler, every rank's RNG states and Accelerate's step counter.
+    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         # Overwrites accelerate's model.safetensors with the same tensors plus config.json: the directory
         # is both resumable and loadable by `beit.load_checkpoint` for fine-tuning.
