@@ -54,16 +54,19 @@ tokenize: setup
 # ---- make pretrain (engineer P): SHARDS → runs/pretrain-<preset>; RESUME=1 continues the newest checkpoint.
 #   make pretrain SHARDS=shards/train PRESET=base NPROC=8 PRETRAIN_ARGS="--mixed-precision bf16"
 #   make pretrain SHARDS=shards/digits PRESET=tiny STEPS=300 RESUME=1
+#   make pretrain SHARDS=shards/train PRESET=base STEPS=20000 WARMUP=500   # a short run needs a short warmup
 # NPROC > 1 starts one process per GPU on this node with torchrun (gloo on a CPU-only machine).
 .PHONY: pretrain
 pretrain: SHARDS ?= shards/images
 pretrain: PRESET ?= base
 pretrain: STEPS ?=
+pretrain: WARMUP ?=
 pretrain: OUT ?= runs/pretrain-$(PRESET)
 pretrain: NPROC ?= 1
 pretrain: RESUME ?=
 pretrain: PRETRAIN_ARGS ?=
 pretrain: setup
 	$(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --nproc_per_node $(NPROC) -m beit,$(BIN)/beit) pretrain \
-		$(SHARDS) --output $(OUT) --preset $(PRESET) $(if $(STEPS),--steps $(STEPS)) $(if $(RESUME),--resume) \
+		$(SHARDS) --output $(OUT) --preset $(PRESET) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(WARMUP),--warmup-steps $(WARMUP)) $(if $(RESUME),--resume) \
 		$(PRETRAIN_ARGS)

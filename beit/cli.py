@@ -99,6 +99,8 @@ def pretrain_command(
     min_lr: float = typer.Option(None, help="Final learning rate of the cosine schedule."),
     weight_decay: float = typer.Option(None, help="AdamW weight decay (official 0.05)."),
     weight_decay_end: float = typer.Option(None, help="Final weight decay of a cosine (default: constant)."),
+    betas: tuple[float, float] = typer.Option(None, help="AdamW betas, two numbers (official: 0.9 0.999)."),
+    eps: float = typer.Option(None, help="AdamW epsilon (official 1e-8)."),
     clip_grad: float = typer.Option(None, help="Gradient-norm clip (official 3.0 base, 1.0 large; 0: off)."),
     drop_path: float = typer.Option(None, help="Stochastic depth rate of the last block (official 0.1)."),
     layer_scale: float = typer.Option(None, help="LayerScale init (default: the preset's; 0 disables)."),
@@ -106,6 +108,9 @@ def pretrain_command(
     num_masked: int = typer.Option(None, help="Patches to mask per image (default: 75/196 of the grid)."),
     min_block: int = typer.Option(None, help="Smallest mask block (default: max(4, 16/196 of the grid))."),
     max_block: int = typer.Option(None, help="Largest mask block (default: num_masked)."),
+    min_aspect: float = typer.Option(
+        None, help="Smallest mask-block aspect ratio; the largest is 1/it (0.3)."
+    ),
     random_masking: bool = typer.Option(
         None,
         "--random-masking/--block-masking",

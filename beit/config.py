@@ -184,8 +184,8 @@ class PretrainConfig:
     preset: str = "base"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     split: str | None = "train"
-    steps: int = 500_000
-    warmup_steps: int = 10_000
+    steps: int = 500_000  # 800 epochs of IN-1k at a total batch of 2048 (625 steps an epoch)
+    warmup_steps: int = 6_250  # 10 epochs, as the official IN-1k recipe (its IN-22k one: 10,000 steps)
     batch_size: int = 128
     grad_accum: int = 1
     lr: float = 1.5e-3
@@ -286,7 +286,10 @@ def _validate_pretrain(cfg: PretrainConfig) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise bad(f"{name} must be an integer ≥ 0, got {value!r}")
     if cfg.warmup_steps >= cfg.steps:
-        raise bad(f"warmup_steps ({cfg.warmup_steps}) must be below steps ({cfg.steps})")
+        raise bad(
+            f"warmup_steps ({cfg.warmup_steps}) must be below steps ({cfg.steps}); "
+            "pass a shorter --warmup-steps (the official recipe warms up over 1.25% of the steps)"
+        )
     for name in ("num_masked", "min_block", "max_block", "epoch_batches"):
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -1,6 +1,7 @@
 """The pretraining loop end to end on real shards (digits tokenized by the job, tiny preset): it learns,
 writes what it promises, resumes a killed run exactly, and runs as two gloo processes on uneven shards."""
 
+import dataclasses
 import io
 import json
 import math
@@ -23,7 +24,7 @@ from beit.errors import BeitError
 from beit.model.checkpoint import load_checkpoint
 from beit.shards import open_shard_set
 from beit.train.optim import cosine_schedule
-from beit.train.pretrain import checkpoints, pretrain
+from beit.train.pretrain import TRAINER_STATE, checkpoints, pretrain
 
 TINY = dict(preset="tiny", model={"depth": 2}, num_workers=1, tensorboard=False)
 # One intra-op thread: on a small shared machine two threads per process fight for the cores (3-10x slower).
@@ -139,6 +140,62 @@ def test_compiled_run_follows_the_eager_losses_and_saves_plain_names(digits_shar
     assert model.config.depth == 2
 
 
+def _short_run(shards: Path, run: Path, **options) -> list[dict]:
+    cfg = pretrain_config(
+        **{**TINY, "num_workers": 0, "drop_path": 0.0},  # no stochastic depth: runs comparable bit for bit
+        shards=str(shards),
+        output=str(run),
+        warmup_steps=1,
+        log_every=1,
+        **options,
+    )
+    pretrain(cfg)
+    return _metrics(run)
+
+
+def test_gradient_accumulation_averages_over_every_masked_token_of_the_step(
+    digits_shards, tmp_path, one_thread
+):
+    # Two micro-batches of 8 are the same samples and masks as one batch of 16 (masks are seeded per stream
+    # position), but they hold different numbers of masked tokens: only a loss averaged over all the step's
+    # masked tokens gives the 16-batch's gradient (a mean of per-micro-batch means weights tokens unevenly).
+    # 48 of 64 patches: the blockwise masks then often stop short (46-48 tokens), unlike the default 24.
+    runs = {"whole": (16, 1), "accum": (8, 2)}
+    whole, accumulated = (
+        _short_run(digits_shards, tmp_path / name, steps=3, batch_size=size, grad_accum=accum, num_masked=48)
+        for name, (size, accum) in runs.items()
+    )
+    assert len({r["masked_per_image"] for r in whole}) > 1  # precondition: masks of uneven sizes
+    for ours, theirs in zip(accumulated, whole, strict=True):
+        for key in ("loss", "mlm_acc", "grad_norm", "masked_per_image"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (ours["step"], key)
+    torch.testing.assert_close(
+        load_checkpoint(tmp_path / "accum").state_dict(), load_checkpoint(tmp_path / "whole").state_dict()
+    )
+
+
+def test_resume_with_another_accumulation_continues_the_data_stream(digits_shards, tmp_path, one_thread):
+    run = tmp_path / "run"
+    _short_run(digits_shards, run, steps=2, batch_size=8, grad_accum=2, save_every=2, epoch_batches=10)
+    cfg = pretrain_config(
+        **{**TINY, "num_workers": 0, "drop_path": 0.0},
+        shards=str(digits_shards),
+        output=str(run),
+        warmup_steps=1,
+        log_every=1,
+        steps=3,
+        batch_size=8,
+        grad_accum=3,
+        epoch_batches=10,
+    )
+    pretrain(cfg, resume=True)
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["epoch"] == pytest.approx((2 * 2 + 3) / 10)  # 4 micro-batches, then 3 more
+    state = json.loads((run / "checkpoints" / "step_00000003" / TRAINER_STATE).read_text())
+    assert state["batches"] == 7
+
+
 def test_refuses_to_overwrite_a_run_or_resume_another_model(tiny_run):
     cfg, _ = tiny_run
     with pytest.raises(BeitError, match="already holds a run"):
@@ -246,7 +303,7 @@ def test_two_process_gloo_run_on_uneven_shards_finishes(digits_shards, tmp_path)
     done = subprocess.run(torchrun + command[1:], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     records = _metrics(run)
-    assert [r["step"] for r in records] == [4, 8, 12]
+    assert [r["step"] for r in records] == [4, 6, 8, 12]  # every 4 steps and at each checkpoint
     assert records[0]["epoch"] == pytest.approx(4 / (600 // (16 * 2)))  # epoch length counts both ranks
     assert records[-1]["images_per_s"] > 0
     last = run / "checkpoints" / "step_00000012"
@@ -287,3 +344,23 @@ def test_config_precedence_preset_then_toml_then_options(tmp_path):
         pretrain_config(steps=10, warmup_steps=10)
     with pytest.raises(BeitError, match="unknown model override"):
         pretrain_config(model={"width": 3})
+
+
+def test_cli_sets_every_pretraining_option(run_cli, monkeypatch):
+    import inspect
+
+    from beit.cli import pretrain_command
+
+    options = set(inspect.signature(pretrain_command).parameters) - {"config", "resume"}
+    assert options == {f.name for f in dataclasses.fields(PretrainConfig)}  # every value has an option
+
+    seen = []
+    monkeypatch.setattr("beit.train.pretrain.pretrain", lambda cfg, resume: seen.append(cfg) or {})
+    args = ["pretrain", "shards/x", "--preset", "tiny", "--betas", "0.8", "0.99", "--eps", "1e-6"]
+    assert run_cli(*args, "--min-aspect", "0.5", "--model", "depth=3")[0] == 0
+    assert run_cli("pretrain", "shards/x", "--preset", "tiny")[0] == 0
+    given, defaults = seen
+    assert (given.betas, given.eps, given.min_aspect, given.model) == ((0.8, 0.99), 1e-6, 0.5, {"depth": 3})
+    assert (defaults.betas, defaults.eps, defaults.min_aspect) == ((0.9, 0.999), 1e-8, 0.3)
+    code, _, err = run_cli("pretrain", "shards/x", "--steps", "1000")  # base: 6,250 warmup steps
+    assert code == 2 and "--warmup-steps" in err and err.strip().count("\n") == 0

@@ -20,7 +20,9 @@ buffer is webdataset's.
   hang DDP. The workers move from epoch to epoch themselves: they start once per run, not per epoch.
 - Everything random (shard order, shuffle buffer, one mask seed per sample) is seeded from
   (seed, epoch, stream), so batch k of a run is a function of (seed, k, rank, world size, workers).
-  `start_batch` resumes the stream exactly: the workers drop the consumed samples before decoding them.
+  `start_batch` resumes the stream: the workers drop the consumed samples before decoding them. It is
+  exact unless bad samples were skipped in the epoch before `start_batch`: batches count good samples
+  only, so each one makes the resumed stream start one sample early (that sample is seen twice).
 - Images stay uint8 (4x less to move than float32); `Normalize` converts them on the device.
 - A bad sample (missing member, undecodable JPEG, wrong size, token ids out of range) is skipped, logged
   with its reason, and counted in the `skipped` field of the next batch.

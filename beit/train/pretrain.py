@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accum` micro-batches from `ShardLoader`: normalize the uint8 images on the
 device, run the encoder with the mask, cross-entropy of the MIM head on the masked positions only
-(averaged over every masked token of the micro-batch), backward, then clip and step. The lr and weight
+(averaged over every masked token of the step's micro-batches in this process; across processes the
+gradients are averaged, as in the official DDP code), backward, then clip and step. The lr and weight
 decay come from per-step tables indexed by the optimizer-step counter, so they do not depend on the
 number of processes (no prepared scheduler). The loader is never prepared: every rank streams its own
 shards and yields the same number of batches.
@@ -125,9 +126,16 @@ def _prepare_run(run: Path, cfg: PretrainConfig, resume: bool) -> Path | None:
 
 
 def _save(
-    accelerator: Accelerator, model: torch.nn.Module, run: Path, step: int, extra: dict, keep: int
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    run: Path,
+    step: int,
+    batches: int,
+    extra: dict,
+    keep: int,
 ) -> None:
-    """Write checkpoints/step_N atomically (temporary directory, then rename) and keep the newest `keep`."""
+    """Write checkpoints/step_N atomically (temporary directory, then rename) and keep the newest `keep`.
+    `batches`: the micro-batches each process has taken from its loader, where a resumed stream starts."""
     root = run / CHECKPOINTS
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
@@ -136,11 +144,15 @@ def _save(
     accelerator.wait_for_everyone()
     # The model, optimizer, grad scaler, every rank's RNG states and Accelerate's step counter.
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's random_states_N.pkl is in `tmp` before it is renamed
     if accelerator.is_main_process:
         # Overwrites accelerate's model.safetensors with the same tensors plus config.json: the directory
         # is both resumable and loadable by `beit.load_checkpoint` for fine-tuning.
         save_checkpoint(accelerator.unwrap_model(model), tmp, extra=extra)
-        write_atomic(tmp / TRAINER_STATE, json.dumps({"step": step, **extra["pretrain"]}, indent=1).encode())
+        write_atomic(
+            tmp / TRAINER_STATE,
+            json.dumps({"step": step, "batches": batches, **extra["pretrain"]}, indent=1).encode(),
+        )
         if final.exists():  # a run resumed from an older checkpoint reached this step again
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -192,10 +204,14 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.seed, device_specific=True)  # a different stochastic-depth stream per rank
-    step = 0
+    step, batches_done = 0, 0  # optimizer steps; micro-batches this process has taken from its loader
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # weights, optimizer, RNG states, accumulation counter
-        step = json.loads((resume_from / TRAINER_STATE).read_text())["step"]
+        accelerator.load_state(str(resume_from))  # weights, optimizer, grad scaler, RNG states
+        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        step = state["step"]
+        batches_done = state.get("batches", step * state["config"]["grad_accum"])
+        # Accelerate's micro-step counter in phase with the (possibly changed) accumulation.
+        accelerator.step = step * cfg.grad_accum
         log.info("resumed from %s at step %d", resume_from, step)
 
     lr_table = cosine_schedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup_steps)
@@ -206,7 +222,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
         batch_size=cfg.batch_size,
         masks=masks,
         epoch_batches=cfg.epoch_batches,
-        start_batch=step * cfg.grad_accum,
+        start_batch=batches_done,
         split=cfg.split,
         num_workers=cfg.num_workers,
         rank=accelerator.process_index,
@@ -237,34 +253,39 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
     window_start, record = time.perf_counter(), {}
     while step < cfg.steps:
         apply_schedule(optimizer, float(lr_table[step]), float(wd_table[step]))
-        for _ in range(cfg.grad_accum):
-            images, tokens, mask, skipped = next(batches)
+        micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+        batches_done += cfg.grad_accum
+        # backward() divides by grad_accum: scaled so, the step's gradient is that of the summed token
+        # losses over every masked token of its micro-batches (they hold different numbers of them).
+        token_weight = cfg.grad_accum / max(1, sum(int(batch.mask.sum()) for batch in micro_batches))
+        for images, tokens, mask, skipped in micro_batches:
             images = normalize(images.to(device, non_blocking=True))  # uint8 -> normalized float
             tokens, mask = tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with accelerator.accumulate(model):
                 logits = model(images, mask)  # [M, V], M = masked patches of the batch
                 targets = tokens.flatten(1)[mask]  # [M], the same row-major order
-                loss = F.cross_entropy(logits.float(), targets)  # mean over every masked token
-                accelerator.backward(loss)
+                loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+                accelerator.backward(loss_sum * token_weight)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
-                window[0] += loss.detach() * targets.numel()
+                window[0] += loss_sum.detach()
                 window[1] += (logits.argmax(-1) == targets).sum()
                 window[2] += targets.numel()
             images_seen, skipped_seen = images_seen + images.shape[0], skipped_seen + skipped
         step += 1
         progress.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        # Also logged at each checkpoint step: a resumed run's windows then match an uninterrupted run's.
+        if step % cfg.log_every == 0 or step % cfg.save_every == 0 or step == cfg.steps:
             host = torch.tensor([images_seen, skipped_seen], device=device, dtype=torch.float32)
             total = accelerator.reduce(torch.cat([window, host]), reduction="sum").tolist()
             seconds = time.perf_counter() - window_start
             record = {
                 "step": step,
-                "epoch": step * cfg.grad_accum / loader.epoch_batches,
+                "epoch": batches_done / loader.epoch_batches,
                 "loss": total[0] / total[2],
                 "mlm_acc": total[1] / total[2],
                 "lr": float(lr_table[step - 1]),
@@ -274,6 +295,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
                 "masked_per_image": total[2] / total[3],
                 "skipped": int(total[4]),
             }
+            if accelerator.scaler is not None:  # fp16: a falling scale means skipped (overflowing) steps
+                record["loss_scale"] = accelerator.scaler.get_scale()
             if main:
                 metrics.write(record)
                 if writer is not None:
@@ -290,7 +313,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
             images_seen, skipped_seen, window_start = 0, 0, time.perf_counter()
 
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(accelerator, model, run, step, extra, cfg.keep_last)
+            _save(accelerator, model, run, step, batches_done, extra, cfg.keep_last)
 
     progress.close()
     if main:
