@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from skimage import data as skdata
 
 from beit.errors import BeitError
+from beit.model import create_model
+from beit.model.checkpoint import save_checkpoint
 from beit.tokenize import dvae_train
 from beit.tokenize.base import Tokenizer
 from beit.tokenize.dvae import DiscreteVAE, DVAEConfig, DVAETokenizer, dvae_config
@@ -159,6 +161,9 @@ def test_tokenizer_encode_matches_model_and_saves_losslessly(tmp_path: Path, few
         assert torch.allclose(again.decode(ids), tok.decode(ids))
     with pytest.raises(BeitError, match="trained for 16 px"):
         load_tokenizer(directory, input_size=32)
+    beit_model = save_checkpoint(create_model("tiny", mim=True), tmp_path / "beit-run")
+    with pytest.raises(BeitError, match="holds BEiT model weights"):  # a common mix-up of directories
+        load_tokenizer(beit_model)
 
     torch.manual_seed(1)
     assert DVAETokenizer(DiscreteVAE(MICRO)).fingerprint()["weights_sha256"] != fp["weights_sha256"]

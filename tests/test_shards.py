@@ -147,6 +147,11 @@ def test_open_shard_set_lists_complete_shards_and_refuses_the_rest(shard_set, co
         open_shard_set(tmp_path / "nothing")
     with pytest.raises(BeitError, match="not a shard set"):
         open_shard_set(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(BeitError, match="is a file, not a shard set directory"):
+        open_shard_set(tmp_path / "a-file")
+    with pytest.raises(BeitError, match="does not exist"):  # verify reads the header the same way
+        verify_shard_set(tmp_path / "nothing")
     for stats in copy.glob("*.stats.json"):
         stats.unlink()
     with pytest.raises(BeitError, match="no complete shards"):

@@ -289,6 +289,24 @@ def test_different_tokenizer_seed_or_size_is_refused(images, reference, tmp_path
     assert new.shards_written == 1  # a new directory takes it
 
 
+def test_bad_device_output_or_size_is_refused_before_anything_is_written(images, tmp_path):
+    args = {**JOB, "tokenizer": tiny_tokenizer()}
+    out = tmp_path / "out"
+    with pytest.raises(BeitError, match="unknown device 'foo'"):
+        tokenize_dataset(images, out, **{**args, "device": "foo"})
+    if not torch.cuda.is_available():
+        with pytest.raises(BeitError, match="device cuda is not available"):
+            tokenize_dataset(images, out, **{**args, "device": "cuda"})
+    with pytest.raises(BeitError, match="use e.g. 32"):  # the nearest multiple of the 8x8 grid
+        tokenize_dataset(images, out, **{**args, "image_size": 30})
+    with pytest.raises(BeitError, match="does not exist"):
+        tokenize_dataset(tmp_path / "no-images", out, **args)
+    assert not out.exists()
+    out.write_text("a file")
+    with pytest.raises(BeitError, match="cannot create the shard set directory"):
+        tokenize_dataset(images, out, **args)
+
+
 def test_cli_refuses_a_mismatch_in_one_line_with_exit_code_2(
     images, reference, tmp_path, monkeypatch, capsys
 ):

@@ -79,11 +79,6 @@ class ShardSet:
 def open_shard_set(directory: str | Path) -> ShardSet:
     """Open a shard set for reading. Raises BeitError for a missing, foreign or empty directory."""
     directory = Path(directory)
-    header_path = directory / HEADER_NAME
-    if not directory.is_dir():
-        raise BeitError(f"shard set {directory} does not exist; run `beit tokenize` to create it")
-    if not header_path.is_file():
-        raise BeitError(f"{directory} is not a shard set (no {HEADER_NAME}); point at `beit tokenize` output")
     header = read_header(directory)
     shards = list_complete_shards(directory)
     if not shards:
@@ -92,8 +87,15 @@ def open_shard_set(directory: str | Path) -> ShardSet:
 
 
 def read_header(directory: Path) -> dict[str, Any]:
-    """The parsed `tokenizer.json`; BeitError if it is unreadable or from another format version."""
+    """The parsed `tokenizer.json`; BeitError if the directory is missing or not a shard set, or the file
+    is unreadable or from another format version."""
     path = directory / HEADER_NAME
+    if not directory.exists():
+        raise BeitError(f"shard set {directory} does not exist; run `beit tokenize` to create it")
+    if not directory.is_dir():
+        raise BeitError(f"{directory} is a file, not a shard set directory; point at `beit tokenize` output")
+    if not path.is_file():
+        raise BeitError(f"{directory} is not a shard set (no {HEADER_NAME}); point at `beit tokenize` output")
     try:
         header = read_json(path)
         fingerprint = header["tokenizer"]

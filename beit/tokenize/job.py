@@ -427,6 +427,21 @@ def parse_partition(spec: str | None) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def _checked_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device (None: the fastest present); a name torch does not know, or a device this
+    machine lacks, raises BeitError."""
+    if device is None:
+        return fastest_device()
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise BeitError(f"unknown device {str(device)!r}: {err}") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise BeitError(f"device {device} is not available on this machine; use --device cpu or leave it out")
+    return device
+
+
 def fastest_device() -> torch.device:
     """CUDA (this process's LOCAL_RANK GPU), else Apple MPS, else CPU."""
     if torch.cuda.is_available():
@@ -639,11 +654,15 @@ def tokenize_dataset(
     if image_size % tokenizer.grid:
         raise BeitError(
             f"image size {image_size} is not a multiple of the tokenizer grid {tokenizer.grid}: patches and "
-            f"tokens would not align; use e.g. {tokenizer.grid * 16}"
+            f"tokens would not align; use e.g. {max(1, round(image_size / tokenizer.grid)) * tokenizer.grid}"
         )
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    device = _checked_device(device)
     root, entries = scan_source(source)
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BeitError(f"cannot create the shard set directory {out}: {err.strerror}") from None
     header = {
         "format": FORMAT_VERSION,
         "tokenizer": tokenizer.fingerprint(),
@@ -662,7 +681,6 @@ def tokenize_dataset(
     work = [(c, v) for c in sorted(plan.chunks) for v in range(views)]
     mine = [(c, v) for c, v in work if (c * views + v) % world == rank]
     pending = [(c, v) for c, v in mine if not stats_path(out / shard_name(split, v, c)).exists()]
-    device = torch.device(device) if device is not None else fastest_device()
     job = _Job(out, tokenizer.to(device), split, plan, batch_size, claim_timeout, device)
     job.summary.shards_assigned = len(mine)
     job.summary.shards_complete_before = len(mine) - len(pending)

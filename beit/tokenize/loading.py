@@ -67,9 +67,10 @@ def _dvae(weights: Path, input_size: int | None) -> DVAETokenizer:
     try:
         config = DVAEConfig.from_dict(json.loads(meta["beit.dvae_config"]))
     except (KeyError, ValueError, TypeError):
-        raise BeitError(
-            f"{weights} lacks a valid dVAE config in its metadata; re-save it with save_tokenizer"
-        ) from None
+        hint = "re-save it with save_tokenizer"
+        if any(key.startswith(("blocks.", "patch_embed.")) for key in state):
+            hint = "it holds BEiT model weights: pass a DALL-E encoder or a dVAE from `beit tokenizer train`"
+        raise BeitError(f"{weights} lacks a valid dVAE config in its metadata; {hint}") from None
     if input_size is not None and input_size != config.input_size:
         raise BeitError(f"the dVAE at {weights} was trained for {config.input_size} px, not {input_size} px")
     model = DiscreteVAE(config)
