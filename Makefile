@@ -68,5 +68,5 @@ pretrain: PRETRAIN_ARGS ?=
 pretrain: setup
 	$(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --nproc_per_node $(NPROC) -m beit,$(BIN)/beit) pretrain \
 		$(SHARDS) --output $(OUT) --preset $(PRESET) $(if $(STEPS),--steps $(STEPS)) \
-		$(if $(WARMUP),--warmup-steps $(WARMUP)) $(if $(RESUME),--resume) \
+		$(if $(WARMUP),--warmup-steps $(WARMUP)) $(if $(filter 1 yes true,$(RESUME)),--resume) \
 		$(PRETRAIN_ARGS)

@@ -130,7 +130,8 @@ def pretrain_command(
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also log to TensorBoard."),
 ) -> None:
     """Pretrain BEiT by masked image modeling on a shard set (Accelerate: `accelerate launch` or
-    `torchrun` for several processes or nodes). Settings: preset < --config TOML < options."""
+    `torchrun` for several processes or nodes). Settings: preset < --config TOML < options; an option left
+    out keeps the preset's or the file's value (the README's recipe table lists the defaults)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "resume", "model")}
     import logging
 

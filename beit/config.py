@@ -113,6 +113,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise BeitError(f"config file {path} does not exist; check the path") from None
+    except OSError as err:  # a directory, no permission
+        raise BeitError(f"cannot read config file {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise BeitError(f"config file {path} is not valid TOML: {err}") from None
 
@@ -249,14 +251,17 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def pretrain_config(toml: str | Path | None = None, **overrides: Any) -> PretrainConfig:
-    """Preset defaults < TOML file (flat keys, plus a `[model]` table) < `overrides` (None values ignored).
-    The preset is `overrides["preset"]`, else the file's `preset`, else "base"."""
+    """Preset defaults < TOML file (flat keys, plus a `[model]` table) < `overrides` (None values ignored);
+    the model overrides of the file and of `overrides` merge key by key. The preset is
+    `overrides["preset"]`, else the file's `preset`, else "base"."""
     from_file = load_toml(toml) if toml is not None else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     preset = overrides.get("preset", from_file.get("preset", "base"))
-    if preset not in PRETRAIN_PRESETS:
+    if not isinstance(preset, str) or preset not in PRETRAIN_PRESETS:
         raise BeitError(f"unknown model preset {preset!r}; choose one of: {', '.join(PRETRAIN_PRESETS)}")
     values = {**PRETRAIN_PRESETS[preset], **from_file, **overrides, "preset": preset}
+    if isinstance(from_file.get("model"), dict) and isinstance(overrides.get("model"), dict):
+        values["model"] = {**from_file["model"], **overrides["model"]}
     known = [f.name for f in fields(PretrainConfig)]
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -276,6 +281,13 @@ def _validate_pretrain(cfg: PretrainConfig) -> None:
     if not isinstance(cfg.model, dict):
         raise bad(f"model must be a table of model overrides, got {cfg.model!r}")
     _check_keys(cfg.model, "model override")
+    if cfg.model.get("mim", True) is not True:
+        raise bad("pretraining trains the masked-image-modeling layout; drop the mim=false model override")
+    for name in ("shards", "output", "normalization", "mixed_precision"):
+        if not isinstance(getattr(cfg, name), str):
+            raise bad(f"{name} must be a string, got {getattr(cfg, name)!r}")
+    if cfg.split is not None and not isinstance(cfg.split, str):
+        raise bad(f"split must be a string, got {cfg.split!r}")
     positive = ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "shuffle_buffer")
     for name in positive:
         value = getattr(cfg, name)

@@ -159,6 +159,16 @@ def test_bad_samples_are_skipped_counted_and_logged(digits_shards, tmp_path, cap
     assert tokens.name.split(".")[0] in messages and "outside [0, 512)" in messages
 
 
+def test_an_error_in_a_worker_keeps_its_one_line_message(digits_shards, tmp_path):
+    directory = tmp_path / "emptied"
+    shutil.copytree(digits_shards, directory)
+    for shard in open_shard_set(directory).shards:
+        shard.path.unlink()  # the manifest still lists them
+    with pytest.raises(BeitError) as raised:
+        _take(_loader(directory, num_workers=1), 1)
+    assert str(raised.value) == "no readable samples in the 3 shard(s) of rank 0"
+
+
 def test_refuses_shards_that_do_not_fit_the_model(digits_shards):
     shard_set = open_shard_set(digits_shards)
     check_compatible(shard_set, model_config("tiny", mim=True))

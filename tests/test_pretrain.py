@@ -4,8 +4,10 @@ writes what it promises, resumes a killed run exactly, and runs as two gloo proc
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -364,3 +366,47 @@ def test_cli_sets_every_pretraining_option(run_cli, monkeypatch):
     assert (defaults.betas, defaults.eps, defaults.min_aspect) == ((0.9, 0.999), 1e-8, 0.3)
     code, _, err = run_cli("pretrain", "shards/x", "--steps", "1000")  # base: 6,250 warmup steps
     assert code == 2 and "--warmup-steps" in err and err.strip().count("\n") == 0
+
+
+def test_resuming_a_finished_run_or_a_damaged_checkpoint(tiny_run, tmp_path, monkeypatch, caplog):
+    cfg, final = tiny_run
+    moved = tmp_path / "moved"
+    shutil.copytree(cfg.output, moved)
+    monkeypatch.chdir(Path(cfg.shards).parent)  # the same shards by a relative path: not a changed setting
+    again = pretrain_config(**{**cfg.to_dict(), "output": str(moved), "shards": Path(cfg.shards).name})
+    with caplog.at_level(logging.WARNING, logger="beit.train.pretrain"):
+        assert pretrain(again, resume=True) == final  # nothing to train: the last logged metrics
+    assert "already at step 100 of 100" in caplog.text and "changed settings" not in caplog.text
+    (moved / "checkpoints" / "step_00000100" / TRAINER_STATE).write_text("{")
+    with pytest.raises(BeitError, match="step_00000100 is damaged"):
+        pretrain(again, resume=True)
+
+
+def test_bad_settings_are_refused_in_one_line_before_anything_is_written(digits_shards, tmp_path, run_cli):
+    toml = tmp_path / "run.toml"
+    run = tmp_path / "run"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    shards = str(digits_shards)
+    cases = [
+        ([shards, "--config", str(tmp_path)], "cannot read config file"),
+        ([shards, "--model", "mim=false"], "drop the mim=false model override"),
+        ([shards, "--num-masked", "30", "--min-block", "40"], "min_block (40) is above num_masked (30)"),
+        ([shards, "--max-block", "3", "--min-block", "4"], "max_block (3) is below min_block (4)"),
+        ([shards, "--split", "val"], "no shards of split 'val'"),
+        ([shards, "--output", str(a_file)], "is a file, not a run directory"),
+        (["--config", str(toml)], "shards must be a string"),  # the shards named in the file only
+    ]
+    toml.write_text("shards = 3\n")
+    for args, message in cases:
+        code, _, err = run_cli(
+            "pretrain", "-o", str(run), "--preset", "tiny", "--steps", "2", "--warmup-steps", "1", *args
+        )
+        assert code == 2 and message in err and err.strip().count("\n") == 0, (args, err)
+        assert not run.exists()
+    toml.write_text('preset = ["tiny"]\n')
+    with pytest.raises(BeitError, match="unknown model preset"):
+        pretrain_config(toml)
+    # --model options merge into the file's [model] table, key by key.
+    toml.write_text('preset = "tiny"\n[model]\ndepth = 2\nnum_heads = 4\n')
+    assert pretrain_config(toml, model={"num_heads": 2}).model == {"depth": 2, "num_heads": 2}

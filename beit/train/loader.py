@@ -341,16 +341,28 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.stream.start = self.start_batch
         # A private generator: starting workers must not consume the global torch RNG (exact resume).
-        return iter(
-            DataLoader(
-                self.stream,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                generator=torch.Generator().manual_seed(0),
-                prefetch_factor=4 if self.num_workers else None,
-            )
+        batches = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(0),
+            prefetch_factor=4 if self.num_workers else None,
         )
+        return _one_line_errors(iter(batches))
+
+
+def _one_line_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """`batches`, except that a BeitError raised in a worker keeps its one-line message: the DataLoader
+    re-raises it in the main process with the worker's traceback prepended."""
+    try:
+        yield from batches
+    except BeitError as err:
+        last = str(err).rstrip().rpartition("\n")[2]
+        prefix = f"{BeitError.__module__}.{BeitError.__qualname__}: "
+        if not last.startswith(prefix):
+            raise
+        raise BeitError(last.removeprefix(prefix)) from None
 
 
 def shard_loader(

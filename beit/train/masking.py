@@ -172,4 +172,8 @@ def mask_generator(
     if random_masking:
         return RandomMaskGenerator(grid, num_masked)
     min_block = default_block if min_block is None else min_block
+    if min_block > num_masked:
+        raise BeitError(f"min_block ({min_block}) is above num_masked ({num_masked}): no block would fit")
+    if max_block is not None and max_block < min_block:
+        raise BeitError(f"max_block ({max_block}) is below min_block ({min_block})")
     return MaskGenerator(grid, num_masked, min_block=min_block, max_block=max_block, min_aspect=min_aspect)

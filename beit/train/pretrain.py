@@ -68,12 +68,15 @@ class MetricsLog:
     after the checkpoint by the run that was killed) are dropped first, so the curve continues cleanly."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.last: dict[str, Any] = {}  # the newest record
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if _line_step(line) <= resume_step]
             write_atomic(path, "".join(line + "\n" for line in kept).encode())
+            self.last = json.loads(kept[-1]) if kept else {}
         self.file: TextIO = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
+        self.last = record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
@@ -100,8 +103,13 @@ def _tensorboard(run: Path, purge_step: int | None) -> Any:
     return SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=purge_step)
 
 
-def _prepare_run(run: Path, cfg: PretrainConfig, resume: bool) -> Path | None:
-    """Check the run directory against `resume`; return the checkpoint to resume from, if any."""
+def _prepare_run(
+    run: Path, cfg: PretrainConfig, resume: bool, processes: int, main: bool
+) -> tuple[Path, dict] | None:
+    """Check the run directory against `resume`; return the checkpoint to resume from and its trainer
+    state, if any. Changed settings are logged (by the main process)."""
+    if run.exists() and not run.is_dir():
+        raise BeitError(f"--output {run} is a file, not a run directory; choose another --output")
     found = checkpoints(run)
     if not resume:
         if found or (run / "metrics.jsonl").exists():
@@ -112,17 +120,40 @@ def _prepare_run(run: Path, cfg: PretrainConfig, resume: bool) -> Path | None:
     if not found:
         log.warning("no complete checkpoint in %s: starting from step 0", run)
         return None
-    step, path = found[-1]
-    state = json.loads((path / TRAINER_STATE).read_text())
-    if state["model"] != cfg.model_config().to_dict():
+    path = found[-1][1]
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        trained_model, trained = state["model"], state["config"]
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BeitError(
+            f"checkpoint {path} is damaged ({TRAINER_STATE}: {err!r}); "
+            "delete it to resume from the one before"
+        ) from None
+    if trained_model != cfg.model_config().to_dict():
         raise BeitError(
             f"checkpoint {path} was trained with another model configuration; resume with the same --preset "
             "and model options, or choose another --output"
         )
-    changed = sorted(k for k, v in cfg.to_dict().items() if state["config"].get(k) != v)
-    if changed:
-        log.warning("resuming with changed settings: %s", ", ".join(changed))
-    return path
+    # `output` is where the run is now, wherever it was trained.
+    changed = [
+        k for k, v in cfg.to_dict().items() if k != "output" and not _same_setting(k, trained.get(k), v)
+    ]
+    if state.get("processes") != processes:
+        changed.append(f"processes ({state.get('processes')} -> {processes})")
+    if changed and main:
+        log.warning(
+            "resuming with changed settings: %s (other processes, workers, batch size or epoch_batches "
+            "change the data order)",
+            ", ".join(changed),
+        )
+    return path, state
+
+
+def _same_setting(name: str, old: Any, new: Any) -> bool:
+    if name == "shards" and isinstance(old, str) and isinstance(new, str):
+        return Path(old).resolve() == Path(new).resolve()  # a relative and an absolute path to one place
+    return old == new
 
 
 def _save(
@@ -191,10 +222,26 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
         min_aspect=cfg.min_aspect,
         random_masking=cfg.random_masking,
     )
-    resume_from = _prepare_run(run, cfg, resume)
+    loader = shard_loader(
+        shard_set,
+        batch_size=cfg.batch_size,
+        masks=masks,
+        epoch_batches=cfg.epoch_batches,
+        split=cfg.split,
+        num_workers=cfg.num_workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        pin_memory=device.type == "cuda",
+    )
+    resumed = _prepare_run(run, cfg, resume, accelerator.num_processes, main)
     accelerator.wait_for_everyone()  # every rank checked the directory before rank 0 writes to it
     if main:
-        run.mkdir(parents=True, exist_ok=True)
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise BeitError(f"cannot create the run directory {run}: {err.strerror}") from None
         write_atomic(run / "pretrain.json", json.dumps(cfg.to_dict(), indent=1).encode())
 
     set_seed(cfg.seed)  # the same initial weights on every rank
@@ -205,32 +252,26 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.seed, device_specific=True)  # a different stochastic-depth stream per rank
     step, batches_done = 0, 0  # optimizer steps; micro-batches this process has taken from its loader
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # weights, optimizer, grad scaler, RNG states
-        state = json.loads((resume_from / TRAINER_STATE).read_text())
+    if resumed is not None:
+        path, state = resumed
+        accelerator.load_state(str(path))  # weights, optimizer, grad scaler, RNG states
         step = state["step"]
-        batches_done = state.get("batches", step * state["config"]["grad_accum"])
+        batches_done = state.get("batches", step * state["config"].get("grad_accum", 1))
         # Accelerate's micro-step counter in phase with the (possibly changed) accumulation.
         accelerator.step = step * cfg.grad_accum
-        log.info("resumed from %s at step %d", resume_from, step)
+        log.info("resumed from %s at step %d", path, step)
+        if step >= cfg.steps and main:
+            log.warning(
+                "%s is already at step %d of %d: nothing to train (raise --steps to go on)",
+                run,
+                step,
+                cfg.steps,
+            )
+    loader.start_batch = batches_done
 
     lr_table = cosine_schedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd_table = cosine_schedule(cfg.weight_decay, wd_end, cfg.steps)
-    loader = shard_loader(
-        shard_set,
-        batch_size=cfg.batch_size,
-        masks=masks,
-        epoch_batches=cfg.epoch_batches,
-        start_batch=batches_done,
-        split=cfg.split,
-        num_workers=cfg.num_workers,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-        pin_memory=device.type == "cuda",
-    )
     extra = {
         "tokenizer": shard_set.tokenizer,
         "pretrain": {
@@ -250,7 +291,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
     # Sums over the logging window: on the device (loss·n, correct, n: no extra sync per step) and on the
     # host (images, skipped items).
     window, images_seen, skipped_seen = torch.zeros(3, device=device), 0, 0
-    window_start, record = time.perf_counter(), {}
+    window_start = time.perf_counter()
     while step < cfg.steps:
         apply_schedule(optimizer, float(lr_table[step]), float(wd_table[step]))
         micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
@@ -323,4 +364,4 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
             writer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return record if main else {}
+    return metrics.last if main else {}
