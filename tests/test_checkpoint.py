@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -501,6 +502,16 @@ def test_wrong_kind_names_the_keys(tmp_path):
     )
 
 
+def test_classifier_of_the_other_pooling_is_refused(tmp_path):
+    save_checkpoint(create_model("tiny", depth=1, num_classes=3, use_mean_pooling=False), tmp_path / "cls")
+    message = one_line_error(tmp_path / "cls", create_model("tiny", depth=1, num_classes=3))
+    assert "use_mean_pooling=False" in message
+    load_checkpoint(tmp_path / "cls", create_model("tiny", depth=1, num_classes=3, use_mean_pooling=False))
+    # A pretrained backbone (no head) still loads into a mean-pooling classifier (norm.* ignored).
+    save_checkpoint(create_model("tiny", depth=1, mim=True), tmp_path / "pretrained")
+    load_checkpoint(tmp_path / "pretrained", create_model("tiny", depth=1, num_classes=3))
+
+
 def test_missing_and_unknown_paths(tmp_path):
     assert "does not exist" in one_line_error(tmp_path / "nope")
     (tmp_path / "weights.npz").write_bytes(b"x")
@@ -523,12 +534,23 @@ class _TouchFile:
         return (open, (self.path, "w"))
 
 
+class _SystemCall:
+    """A pickle payload from a module torch blocks outright: unpickling it would run a shell command."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
-    marker = tmp_path / "pwned"
-    torch.save({"model": {"w": torch.zeros(2)}, "payload": _TouchFile(str(marker))}, tmp_path / "evil.pth")
-    message = one_line_error(tmp_path / "evil.pth")
-    assert "refusing to load" in message and "open" in message
-    assert not marker.exists()
+    for payload, name in ((_TouchFile, "open"), (_SystemCall, "system")):
+        marker = tmp_path / f"pwned-{name}"
+        torch.save({"model": {"w": torch.zeros(2)}, "payload": payload(str(marker))}, tmp_path / "evil.pth")
+        message = one_line_error(tmp_path / "evil.pth")
+        assert "refusing to load" in message and name in message, message
+        assert not marker.exists()
 
 
 def test_state_dict_reader_normalizes_official_wrappers(tmp_path):

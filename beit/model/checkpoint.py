@@ -187,7 +187,8 @@ def _load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # torch names the global either way, depending on whether its module is blocked outright.
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
         if found:
             raise BeitError(
                 f"refusing to load {path}: it needs the pickled object {found.group(1)}, and only weights "
@@ -333,6 +334,12 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool, 
         )
     missing = [k for k in target if k not in state and not k.startswith(_FRESH_PREFIXES)]
     unexpected = [k for k in state if k not in target and not k.startswith(_LAYOUT_PREFIXES)]
+    cls_pooled_head = "head.weight" in state and "norm.weight" in state and "fc_norm.weight" not in state
+    if strict and cls_pooled_head and "fc_norm.weight" in target and "head.weight" in target:
+        raise BeitError(
+            f"{path} holds a classifier trained on the CLS token's features (norm.*, no fc_norm.*) but the "
+            "model pools the mean of the patch tokens; build it with use_mean_pooling=False"
+        )
     if strict and (missing or unexpected):
         parts = [
             f"missing {_describe(missing)}" if missing else "",
