@@ -46,9 +46,12 @@ def reference(images, tmp_path_factory) -> Path:
     return out
 
 
-def run_in_subprocess(images: Path, out: Path, delay: float, start: Path | None = None) -> subprocess.Popen:
+def run_in_subprocess(
+    images: Path, out: Path, delay: float, start: Path | None = None, **job_args
+) -> subprocess.Popen:
     """The job in another process, sleeping `delay` s after each batch; with `start`, it touches
-    `start.<pid>` once imported and waits for `start` to exist. It prints shards written and busy."""
+    `start.<pid>` once imported and waits for `start` to exist; `job_args` override JOB's. It prints
+    shards written and busy."""
     code = (
         f"import os, sys, time; sys.path.insert(0, {str(TESTS)!r})\n"
         "from shard_helpers import tiny_tokenizer\n"
@@ -57,7 +60,7 @@ def run_in_subprocess(images: Path, out: Path, delay: float, start: Path | None 
         "if start:\n"
         "    open(f'{start}.{os.getpid()}', 'w').close()\n"
         "    while not os.path.exists(start): time.sleep(0.01)\n"
-        f"s = tokenize_dataset({str(images)!r}, {str(out)!r}, tiny_tokenizer(), **{JOB!r})\n"
+        f"s = tokenize_dataset({str(images)!r}, {str(out)!r}, tiny_tokenizer(), **{ {**JOB, **job_args}!r})\n"
         "print(s.shards_written, s.shards_busy)\n"
     )
     env = {**os.environ, "BEIT_TOKENIZE_TEST_DELAY": str(delay)}
@@ -112,6 +115,52 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(images, reference
     summary = tokenize_dataset(images, out, tiny_tokenizer(), **JOB)
     assert summary.shards_busy == 0 and summary.shards_written + summary.shards_complete_before == 8
     assert digest(out) == digest(reference)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_of_the_job_ends_its_decode_workers(tmp_path):
+    # Noise photos give 224-px JPEG views of ~100 kB: a batch is larger than a pipe holds, so the worker
+    # blocks on the pipe to the job. Killed there, it would live on, holding its memory (a cron pool
+    # accumulates them), had it not asked the kernel to kill it with its parent.
+    images = tmp_path / "images" / "noise"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    job = run_in_subprocess(images.parent, tmp_path / "out", delay=0.2, num_workers=1, image_size=224)
+    deadline = time.monotonic() + 60
+    while not (workers := _children(job.pid)) or not list((tmp_path / "out").glob("*.tar.claim")):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(1)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    deadline = time.monotonic() + 30
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if _running(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
 
 
 def test_overlapping_runs_never_duplicate_or_corrupt(images, reference, tmp_path):

@@ -48,6 +48,7 @@ from beit.tokenize.augment import crop_box, view_generator
 from beit.tokenize.dvae import DiscreteVAE, DVAEConfig, normalize
 from beit.tokenize.job import BadItem, load_rgb, scan_source
 from beit.tokenize.loading import MAX_PIXELS, save_tokenizer
+from beit.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,7 @@ def train_dvae(
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of the loader
+        worker_init_fn=die_with_parent(),
     )
     bad: dict[str, str] = {}
     counts = torch.zeros(model_config.vocab_size, dtype=torch.long, device=device)

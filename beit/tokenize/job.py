@@ -61,6 +61,7 @@ from beit.shards.format import (
 from beit.shards.shardset import IDENTITY_KEYS, read_header, write_manifest
 from beit.tokenize.augment import TwoViewAugment
 from beit.tokenize.base import Tokenizer
+from beit.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -693,6 +694,7 @@ def tokenize_dataset(
         num_workers=num_workers,
         multiprocessing_context=_FORK if num_workers else None,
         prefetch_factor=2 if num_workers else None,
+        worker_init_fn=die_with_parent(),
     )
     total = sum(len(plan.chunks[c]) for c, _ in pending)
     threads = torch.get_num_threads()

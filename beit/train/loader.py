@@ -50,6 +50,7 @@ from beit.errors import BeitError
 from beit.shards import ShardInfo, ShardSet, iter_tar_samples
 from beit.shards.format import ShardFormatError
 from beit.train.masking import MaskGenerator, RandomMaskGenerator
+from beit.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),
             prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=die_with_parent(),
         )
         return _one_line_errors(iter(batches))
 
