@@ -160,6 +160,11 @@ def test_pickles_needing_other_classes_are_refused(tmp_path: Path, legacy: bool)
     torch.save({"w": torch.zeros(2)}, path)
     with pytest.raises(BeitError, match="holds a dict, not a dall_e Encoder"):
         load_dalle_pickle(path)
+    looped = small_encoder()
+    looped.blocks._modules["again"] = looped.blocks  # only allowed classes, but a module inside itself
+    torch.save(looped, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(BeitError, match="malformed dall_e module"):
+        load_dalle_pickle(path)
 
 
 def test_broken_downloads_get_a_clear_error(tmp_path: Path) -> None:

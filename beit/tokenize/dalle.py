@@ -181,7 +181,7 @@ def load_dalle_pickle(path: str | Path) -> Encoder | Decoder:
         raise BeitError(f"{path}: only dall_e modules with group_count=4 (the official ones) are supported")
     try:
         state = _tensors(obj)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RecursionError):  # e.g. a module listed inside itself
         raise BeitError(f"{path} holds a malformed dall_e module") from None
     return build_dalle_module(state)
 
