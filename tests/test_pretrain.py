@@ -306,6 +306,8 @@ def test_two_process_gloo_run_on_uneven_shards_finishes(digits_shards, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     records = _metrics(run)
     assert [r["step"] for r in records] == [4, 6, 8, 12]  # every 4 steps and at each checkpoint
+    schedule = cosine_schedule(2e-3, 1e-5, 12, 2)  # the tiny preset's lr: per optimizer step, any world size
+    assert [r["lr"] for r in records] == pytest.approx([schedule[r["step"] - 1] for r in records])
     assert records[0]["epoch"] == pytest.approx(4 / (600 // (16 * 2)))  # epoch length counts both ranks
     assert records[-1]["images_per_s"] > 0
     last = run / "checkpoints" / "step_00000012"
