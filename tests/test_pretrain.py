@@ -274,7 +274,7 @@ def test_killed_run_resumes_at_the_same_step_and_continues_the_curve(digits_shar
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (ours["step"], key)
 
 
-def test_two_process_gloo_run_on_uneven_shards_finishes(digits_shards, tmp_path):
+def test_two_process_gloo_run_on_uneven_shards_finishes_and_resumes_exactly(digits_shards, tmp_path):
     # Shards of 250, 250 and 100 samples: rank 0 streams 350, rank 1 250, yet both run the same steps.
     run = tmp_path / "ddp"
     torchrun = [
@@ -313,6 +313,17 @@ def test_two_process_gloo_run_on_uneven_shards_finishes(digits_shards, tmp_path)
     last = run / "checkpoints" / "step_00000012"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last.iterdir()}
     assert (run / "model.safetensors").is_file()
+
+    # Back to the step-6 checkpoint, as after a kill: each rank restores its own RNG state (stochastic
+    # depth) and stream position, so the resumed steps 7-12 repeat the first run's.
+    shutil.rmtree(last)
+    done = subprocess.run(torchrun + command[1:] + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _metrics(run)
+    assert [r["step"] for r in resumed] == [4, 6, 8, 12]
+    for ours, theirs in zip(resumed, records, strict=True):
+        for key in ("loss", "mlm_acc", "lr", "grad_norm", "epoch"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (ours["step"], key)
 
 
 def test_cli_refuses_shards_of_another_vocabulary_in_one_line(digits_shards, tmp_path):
