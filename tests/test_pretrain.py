@@ -142,7 +142,7 @@ def test_compiled_run_follows_the_eager_losses_and_saves_plain_names(digits_shar
     assert model.config.depth == 2
 
 
-def _short_run(shards: Path, run: Path, **options) -> list[dict]:
+def _short_run(shards: Path, run: Path, resume: bool = False, **options) -> list[dict]:
     cfg = pretrain_config(
         **{**TINY, "num_workers": 0, "drop_path": 0.0},  # no stochastic depth: runs comparable bit for bit
         shards=str(shards),
@@ -151,7 +151,7 @@ def _short_run(shards: Path, run: Path, **options) -> list[dict]:
         log_every=1,
         **options,
     )
-    pretrain(cfg)
+    pretrain(cfg, resume=resume)
     return _metrics(run)
 
 
@@ -179,19 +179,9 @@ def test_gradient_accumulation_averages_over_every_masked_token_of_the_step(
 def test_resume_with_another_accumulation_continues_the_data_stream(digits_shards, tmp_path, one_thread):
     run = tmp_path / "run"
     _short_run(digits_shards, run, steps=2, batch_size=8, grad_accum=2, save_every=2, epoch_batches=10)
-    cfg = pretrain_config(
-        **{**TINY, "num_workers": 0, "drop_path": 0.0},
-        shards=str(digits_shards),
-        output=str(run),
-        warmup_steps=1,
-        log_every=1,
-        steps=3,
-        batch_size=8,
-        grad_accum=3,
-        epoch_batches=10,
+    records = _short_run(
+        digits_shards, run, resume=True, steps=3, batch_size=8, grad_accum=3, epoch_batches=10
     )
-    pretrain(cfg, resume=True)
-    records = _metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["epoch"] == pytest.approx((2 * 2 + 3) / 10)  # 4 micro-batches, then 3 more
     state = json.loads((run / "checkpoints" / "step_00000003" / TRAINER_STATE).read_text())
