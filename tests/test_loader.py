@@ -9,6 +9,7 @@ import os
 import shutil
 import tarfile
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from beit.errors import BeitError
 from beit.shards import iter_tar_samples, open_shard_set
 from beit.train.loader import (
     Normalize,
+    ShardLoader,
     ShardStream,
     _stream_rng,
     check_compatible,
@@ -62,11 +64,11 @@ def test_batches_hold_uint8_images_token_grids_and_blockwise_masks(digits_shards
 
 
 def test_each_mask_is_seeded_by_its_sample(digits_shards):
-    # Sample i of stream 0 in epoch 0 gets MaskGenerator(...)(rng=Random("mask/seed/epoch/stream/i")).
+    # The sample at position i of stream 0 gets MaskGenerator(...)(rng=Random("mask/seed/stream/i")).
     batch = _take(_loader(digits_shards, seed=7), 1)[0]
     gen = MaskGenerator(8, 24, min_block=5)
     for i in range(16):
-        expected = gen(rng=_stream_rng("mask", 7, 0, 0, i)).reshape(-1)
+        expected = gen(rng=_stream_rng("mask", 7, 0, i)).reshape(-1)
         assert torch.equal(batch.mask[i], torch.from_numpy(expected))
     assert not all(torch.equal(batch.mask[0], m) for m in batch.mask[1:])
 
@@ -134,6 +136,68 @@ def test_ranks_split_the_shards_and_cover_every_sample_once(digits_shards):
     assert Counter(seen) == Counter(stored)
 
 
+def _stored_digests(shard_set):
+    return [
+        hashlib.sha1(decode_jpeg(members["jpg"]).numpy().tobytes()).hexdigest()
+        for shard in shard_set.shards
+        for _, members in iter_tar_samples(shard.path)
+    ]
+
+
+def test_each_pass_reads_every_sample_of_the_stream_however_short_the_epoch(digits_shards):
+    # Epochs of one batch: each pass over the 600 samples still goes to its end (a stream restarted every
+    # epoch would only ever see the first samples of its shards), and the next pass is another order.
+    batches = _take(_loader(digits_shards, batch_size=10, epoch_batches=1), 120)
+    first, second = _digests(batches[:60]), _digests(batches[60:])
+    stored = Counter(_stored_digests(open_shard_set(digits_shards)))
+    assert Counter(first) == stored and Counter(second) == stored
+    assert first != second
+
+
+def test_fewer_shards_than_streams_split_the_samples_not_the_shards(digits_shards):
+    # 3 shards, 2 ranks x 2 workers = 4 streams: each stream keeps every 4th sample of every shard, so
+    # the four streams' first passes (150 samples each) hold every stored sample exactly once.
+    seen = []
+    for rank in (0, 1):
+        loader = _loader(digits_shards, rank=rank, world_size=2, batch_size=10, num_workers=2)
+        assert [loader.stream.share(rank * 2 + role, 4).samples for role in (0, 1)] == [150, 150]
+        seen += _digests(_take(loader, 30))
+    assert Counter(seen) == Counter(_stored_digests(open_shard_set(digits_shards)))
+
+
+def test_a_truncated_shard_is_skipped_and_its_samples_counted(digits_shards, tmp_path, caplog):
+    directory = tmp_path / "truncated"
+    shutil.copytree(digits_shards, directory)
+    shard_set = open_shard_set(directory)
+    small = next(s for s in shard_set.shards if s.count == 100)
+    with open(small.path, "r+b") as f:
+        f.truncate(20 * 4096)  # at a header boundary, as a copy cut short in 4 KiB blocks leaves it
+    assert sum(1 for _ in iter_tar_samples(small.path)) > 0  # the tar alone looks fine
+    with caplog.at_level(logging.WARNING, logger="beit.train.loader"):
+        # One pass is 50 batches; the count comes with the next batch whenever the shard's turn was.
+        batches = _take(_loader(directory, batch_size=10, shuffle_buffer=1), 51)
+    assert sum(b.skipped for b in batches) == 100
+    assert f"its stats say {small.bytes}" in caplog.text
+    others = [s for s in shard_set.shards if s is not small]
+    assert Counter(_digests(batches[:50])) == Counter(_stored_digests(replace(shard_set, shards=others)))
+
+
+def test_empty_shards_are_left_out_and_a_pass_without_usable_samples_raises(digits_shards, tmp_path):
+    shard_set = open_shard_set(digits_shards)
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    shards = [shard_set.shards[0], replace(shard_set.shards[1], path=empty, count=0)]
+    kw = dict(image_size=32, grid=8, batch_size=10, masks=mask_generator(8))
+    stream = ShardStream(shards, vocab_size=512, **kw)
+    assert [s.path for s in stream.shards] == [shard_set.shards[0].path]
+    with pytest.raises(BeitError, match="hold no samples"):
+        ShardStream(shards[1:], vocab_size=512, **kw)
+    # Every token id is outside a 1-token vocabulary: one pass, then a clear error rather than a spin.
+    loader = ShardLoader(ShardStream(shards, vocab_size=1, **kw), epoch_batches=1, num_workers=0)
+    with pytest.raises(BeitError, match="no usable sample in a whole pass over the 250 samples"):
+        next(iter(loader))
+
+
 def test_bad_samples_are_skipped_counted_and_logged(digits_shards, tmp_path, caplog):
     directory = tmp_path / "damaged"
     shutil.copytree(digits_shards, directory)
@@ -166,7 +230,10 @@ def test_an_error_in_a_worker_keeps_its_one_line_message(digits_shards, tmp_path
         shard.path.unlink()  # the manifest still lists them
     with pytest.raises(BeitError) as raised:
         _take(_loader(directory, num_workers=1), 1)
-    assert str(raised.value) == "no readable samples in the 3 shard(s) of rank 0"
+    assert (
+        str(raised.value)
+        == "no readable samples in the 3 shard(s) of rank 0's stream 0; see the warnings above"
+    )
 
 
 def test_refuses_shards_that_do_not_fit_the_model(digits_shards):
@@ -252,6 +319,10 @@ def test_read_npy_matches_np_load_and_refuses_pickles():
         ours = read_npy(buf.getvalue())
         assert ours.dtype == array.dtype and ours.flags.f_contiguous == array.flags.f_contiguous
         np.testing.assert_array_equal(ours, np.load(io.BytesIO(buf.getvalue())))
+    damaged = bytearray(buf.getvalue())
+    damaged[10] = 0  # the header's "{": numpy's literal parser then raises a tokenize.TokenError
+    with pytest.raises(ValueError, match="unreadable header"):
+        read_npy(bytes(damaged))
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="object arrays"):

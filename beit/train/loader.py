@@ -13,19 +13,24 @@ The tar members are read by the shard format's own reader rather than webdataset
 buffer is webdataset's.
 
 - Every process (rank) builds its own loader; it is never `accelerator.prepare()`d. Each rank-worker pair
-  is one *stream* per epoch. With at least as many shards as streams, stream i reads shards i, i+S,
-  i+2S, … (split across nodes and workers); with fewer, every stream reads all shards. A stream never
-  ends: it goes over its shards again and again in a new order each pass (resampled shards), so every
-  rank yields exactly `epoch_batches` batches per epoch whatever the shard sizes: uneven shards cannot
-  hang DDP. The workers move from epoch to epoch themselves: they start once per run, not per epoch.
+  is one *stream*. With at least as many shards as streams S, stream i reads shards i, i+S, i+2S, …
+  (split across nodes and workers); with fewer, it reads every S-th sample of every shard. Either way no
+  two streams share a sample (unless the set holds fewer samples than S). A stream never ends: it makes
+  pass after pass over its share, each in a new shard order through a shuffle buffer that drains at the
+  end of the pass, so each sample is read once a pass. Every rank yields as many batches as asked whatever
+  the shard sizes, so uneven shards cannot hang DDP; an epoch is only a count (`epoch_batches`) for the
+  trainer. The workers start once per run.
 - Everything random (shard order, shuffle buffer, one mask seed per sample) is seeded from
-  (seed, epoch, stream), so batch k of a run is a function of (seed, k, rank, world size, workers).
-  `start_batch` resumes the stream: the workers drop the consumed samples before decoding them. It is
-  exact unless bad samples were skipped in the epoch before `start_batch`: batches count good samples
-  only, so each one makes the resumed stream start one sample early (that sample is seen twice).
+  (seed, stream, pass) or (seed, stream, position), so batch k of a run is a function of (seed, k, rank,
+  world size, workers). `start_batch` resumes the stream: pass p starts at position p·(samples per pass),
+  and the workers drop the consumed samples of the current pass before decoding them. It is exact unless
+  bad samples were skipped before `start_batch`: batches count good samples only, so each one makes the
+  resumed stream start one sample early (that sample is seen twice).
 - Images stay uint8 (4x less to move than float32); `Normalize` converts them on the device.
 - A bad sample (missing member, undecodable JPEG, wrong size, token ids out of range) is skipped, logged
-  with its reason, and counted in the `skipped` field of the next batch.
+  with its reason, and counted in the `skipped` field of the next batch; so are the samples of a shard
+  that cannot be read or whose size is not the one its stats file records (a truncated copy). Shards of
+  0 samples are left out, and a stream that finds no usable sample in a whole pass raises a BeitError.
 """
 
 from __future__ import annotations
@@ -126,7 +131,10 @@ def read_npy(data: bytes) -> np.ndarray:
         raise ValueError("not an .npy file")
     length_bytes = 2 if data[6] == 1 else 4
     start = 8 + length_bytes + int.from_bytes(data[8 : 8 + length_bytes], "little")
-    shape, fortran, dtype = _npy_header(data[:start])
+    try:
+        shape, fortran, dtype = _npy_header(data[:start])
+    except Exception as err:  # numpy parses the header as a Python literal: a damaged one raises anything
+        raise ValueError(f"unreadable header ({type(err).__name__}: {err})") from None
     if dtype.hasobject:
         raise ValueError("object arrays are not allowed")
     count = math.prod(shape)
@@ -169,13 +177,24 @@ def _stream_rng(*parts: object) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
 
 
+class _Share(NamedTuple):
+    """The samples one stream reads: of `shards` (each with the set-wide index of its first sample), those
+    whose set-wide index i has i % every == which; `samples` of them per pass."""
+
+    shards: list[tuple[ShardInfo, int]]
+    every: int
+    which: int
+    samples: int
+
+
 class ShardStream(IterableDataset):
     """The per-rank dataset behind `shard_loader`: the rank's endless batches, split across its workers.
 
-    Batch b of the run is batch i = b mod `epoch_batches` of epoch e = b div `epoch_batches`; it holds the
-    samples of stream (rank, role = i mod W), W being the workers, from position (i div W)·B on. The
-    DataLoader takes batch b from worker b mod W, so each worker yields every W-th batch from `start`
-    (read when the workers start) and moves through the epochs itself: workers live for the whole run.
+    Each (rank, worker role) pair reads one stream: endless passes over its share of the samples, each in
+    a new shard order through a shuffle buffer that drains at the end of the pass, so every sample of
+    the share is read once a pass and pass p starts at stream position p·(samples per pass). Run batch b
+    holds positions (b div W)·B … of role b mod W's stream, W being the workers. The DataLoader takes
+    batch b from worker (b − start) mod W, so worker w plays role (start + w) mod W for the whole run.
     """
 
     def __init__(
@@ -186,7 +205,6 @@ class ShardStream(IterableDataset):
         grid: int,
         vocab_size: int,
         batch_size: int,
-        epoch_batches: int,
         masks: MaskGenerator | RandomMaskGenerator,
         rank: int = 0,
         world_size: int = 1,
@@ -196,41 +214,76 @@ class ShardStream(IterableDataset):
         super().__init__()
         if not shards:
             raise BeitError("the loader got no shards; check the shard set and --split")
-        if epoch_batches < 1:
-            raise BeitError(f"epoch_batches must be at least 1, got {epoch_batches}")
         if (masks.height, masks.width) != (grid, grid):
             raise BeitError(
                 f"the mask generator's grid {masks.height}x{masks.width} is not the token grid {grid}"
             )
-        self.paths = [s.path for s in shards]
+        # A shard of 0 samples (every item of its chunk failed) is complete but has nothing to give.
+        self.shards = [s for s in shards if s.count > 0]
+        if not self.shards:
+            raise BeitError(f"the {len(shards)} selected shard(s) hold no samples")
         self.image_size, self.grid, self.vocab_size = image_size, grid, vocab_size
-        self.batch_size, self.epoch_batches, self.masks = batch_size, epoch_batches, masks
+        self.batch_size, self.masks = batch_size, masks
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
         self.start = 0
         self._skipped = 0
 
-    def _samples(self, epoch: int, stream: int, streams: int) -> Iterator[dict]:
-        """Raw samples of this stream's shards, endlessly, in a new shard order every pass."""
-        paths = self.paths[stream::streams] if len(self.paths) >= streams else list(self.paths)
-        rng = _stream_rng("shards", self.seed, epoch, stream)
+    def share(self, stream: int, streams: int) -> _Share:
+        """Stream `stream`'s samples: with at least as many shards as streams, whole shards (stream, stream
+        + streams, …); with fewer, every `streams`-th sample of every shard, so no two streams overlap."""
+        if len(self.shards) >= streams:
+            mine = self.shards[stream::streams]
+            return _Share([(s, 0) for s in mine], 1, 0, sum(s.count for s in mine))
+        firsts = itertools.accumulate((s.count for s in self.shards), initial=0)
+        total = sum(s.count for s in self.shards)
+        every = min(streams, total)  # a set smaller than the streams: a stream may share its samples
+        which = stream % every
+        shards = list(zip(self.shards, firsts, strict=False))  # `firsts` also ends with the total
+        return _Share(shards, every, which, len(range(which, total, every)))
+
+    def _pass(self, share: _Share, stream: int, number: int) -> Iterator[dict]:
+        """The raw samples of pass `number` over a stream's share, shard by shard in this pass's order."""
+        order = list(share.shards)
+        _stream_rng("shards", self.seed, stream, number).shuffle(order)
+        for shard, first in order:
+            mine = range((share.which - first) % share.every, shard.count, share.every)  # its positions
+            read = 0
+            try:
+                size = shard.path.stat().st_size
+                if size != shard.bytes:  # cut short by a copy, or overwritten since its stats were written
+                    raise ShardFormatError(f"it has {size} bytes, its stats say {shard.bytes}")
+                for position, (key, members) in enumerate(iter_tar_samples(shard.path)):
+                    if (first + position) % share.every == share.which:
+                        read += 1
+                        yield {"__key__": key, "__url__": str(shard.path), **members}
+            except (ShardFormatError, OSError) as err:
+                log.warning("skipping the rest of shard %s: %s", shard.path, err)
+                self._skipped += max(0, len(mine) - read)  # this stream's samples of it that were lost
+
+    def _positions(self, share: _Share, stream: int, start: int) -> Iterator[tuple[int, dict]]:
+        """(stream position, raw sample) from position `start` on, endlessly: pass p holds the positions
+        from p·share.samples on, so a pass short of samples (a damaged shard) shifts none of the next."""
+        number, skip = divmod(start, share.samples)
         while True:
-            rng.shuffle(paths)
+            shuffled = wds.shuffle(
+                self.shuffle_buffer,
+                initial=min(100, self.shuffle_buffer),
+                rng=_stream_rng("buffer", self.seed, stream, number),
+            )(self._pass(share, stream, number))
             found = 0
-            for path in paths:
-                try:
-                    for key, members in iter_tar_samples(path):
-                        found += 1
-                        yield {"__key__": key, "__url__": str(path), **members}
-                except (ShardFormatError, OSError) as err:
-                    log.warning("skipping the rest of shard %s: %s", path, err)
-                    self._skipped += 1
-            if not found:
-                raise BeitError(f"no readable samples in the {len(paths)} shard(s) of rank {self.rank}")
+            for found, sample in enumerate(itertools.islice(shuffled, skip, share.samples), 1):
+                yield number * share.samples + skip + found - 1, sample
+            if not found and not skip:
+                raise BeitError(
+                    f"no readable samples in the {len(share.shards)} shard(s) of rank {self.rank}'s stream "
+                    f"{stream}; see the warnings above"
+                )
+            number, skip = number + 1, 0
 
     def decode(self, samples: list[tuple[int, dict]]) -> list[tuple[int, torch.Tensor, np.ndarray]]:
-        """(stream index, raw sample) pairs -> (stream index, uint8 [3,S,S], integer tokens [g,g]) of the good
-        ones; each bad one is logged with its reason, counted and left out."""
+        """(stream position, raw sample) pairs -> (stream position, uint8 [3,S,S], integer tokens [g,g]) of
+        the good ones; each bad one is logged with its reason, counted and left out."""
         complete = []
         for index, sample in samples:
             if "jpg" in sample and "tokens.npy" in sample:
@@ -277,26 +330,27 @@ class ShardStream(IterableDataset):
         log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
         self._skipped += 1
 
-    def _batches(self, epoch: int, role: int, workers: int, first: int) -> Iterator[Batch]:
-        """Batches first, first+1, … of one role (stream) in one epoch, endlessly."""
-        stream, streams = self.rank * workers + role, self.world_size * workers
-        samples = self._samples(epoch, stream, streams)
-        shuffle_rng = _stream_rng("buffer", self.seed, epoch, stream)
-        samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=shuffle_rng)(
-            samples
-        )
-        # Drop the stream's samples of the batches before `first`, before decoding anything; number the
-        # rest by their position in the stream, which seeds their masks.
-        start = first * self.batch_size
-        numbered = enumerate(itertools.islice(samples, start, None), start)
+    def _batches(self, stream: int, streams: int, start: int) -> Iterator[Batch]:
+        """The batches of one stream from position `start` on, endlessly."""
+        share = self.share(stream, streams)
+        numbered = self._positions(share, stream, start)
         size, count = self.image_size, self.batch_size
+        unusable = 0  # samples skipped in a row
         while True:
             # Each stage runs over the whole batch before the next one starts, so that its code and data
             # stay in the CPU caches: interleaved sample by sample, decoding evicted the rest, and the loader
             # took 1.4 times as long (853 against 604 µs a sample in a one-off side-by-side run).
             good: list[tuple[int, torch.Tensor, np.ndarray]] = []
             while len(good) < count:
-                good += self.decode(list(itertools.islice(numbered, count - len(good))))
+                chunk = list(itertools.islice(numbered, count - len(good)))
+                decoded = self.decode(chunk)
+                unusable = 0 if decoded else unusable + len(chunk)
+                if unusable >= share.samples:  # a whole pass without a usable sample: it would spin forever
+                    raise BeitError(
+                        f"no usable sample in a whole pass over the {share.samples} samples of rank "
+                        f"{self.rank}'s stream {stream}: each one was skipped; see the warnings above"
+                    )
+                good += decoded
             # Channels-last memory, as the decoder writes it: filling the batch is then a plain copy (a
             # transposing copy into NCHW took 40% as long as decoding the JPEG).
             images = torch.empty(count, size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -304,7 +358,7 @@ class ShardStream(IterableDataset):
                 images[i] = image
             tokens = np.stack([ids for _, _, ids in good], dtype=np.int64)
             mask = np.stack(
-                [self.masks(rng=_stream_rng("mask", self.seed, epoch, stream, index)) for index, _, _ in good]
+                [self.masks(rng=_stream_rng("mask", self.seed, stream, index)) for index, _, _ in good]
             ).reshape(count, -1)
             yield Batch(images, torch.from_numpy(tokens), torch.from_numpy(mask), self._skipped)
             self._skipped = 0
@@ -313,31 +367,27 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skipped = 0
-        batch = self.start + worker  # this worker yields batches batch, batch + W, batch + 2W, …
-        while True:
-            epoch, index = divmod(batch, self.epoch_batches)
-            for item in self._batches(epoch, index % workers, workers, first=index // workers):
-                yield item
-                batch += workers
-                if batch // self.epoch_batches != epoch:
-                    break
+        first = self.start + worker  # this worker yields the run's batches first, first + W, first + 2W, …
+        stream = self.rank * workers + first % workers
+        yield from self._batches(stream, self.world_size * workers, first // workers * self.batch_size)
 
 
 class ShardLoader:
-    """Endless batches for one rank: `iter(loader)` starts at batch `start_batch` and crosses epochs.
+    """Endless batches for one rank: `iter(loader)` starts at batch `start_batch`.
 
     A DataLoader over `ShardStream`, never prepared by Accelerate; its workers live for the whole
-    iteration. Every rank yields the same `epoch_batches` batches per epoch.
+    iteration. `epoch_batches` is the nominal epoch, the same on every rank: the trainer counts epochs
+    with it, the streams do not depend on it.
     """
 
-    def __init__(self, stream: ShardStream, *, num_workers: int = 4, pin_memory: bool = False) -> None:
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+    def __init__(
+        self, stream: ShardStream, *, epoch_batches: int, num_workers: int = 4, pin_memory: bool = False
+    ) -> None:
+        if epoch_batches < 1:
+            raise BeitError(f"epoch_batches must be at least 1, got {epoch_batches}")
+        self.stream, self.epoch_batches = stream, epoch_batches
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.start_batch = 0
-
-    @property
-    def epoch_batches(self) -> int:
-        """Batches per epoch, the same on every rank."""
-        return self.stream.epoch_batches
 
     def __iter__(self) -> Iterator[Batch]:
         self.stream.start = self.start_batch
@@ -385,7 +435,7 @@ def shard_loader(
     """The loader of one rank over a shard set (all splits, or one `split`).
 
     `epoch_batches` defaults to the samples of the selected shards // (batch_size · world_size), i.e. one
-    nominal pass over the data per epoch across all ranks.
+    pass over the data per epoch across all ranks.
     """
     shards = shard_set.select(split)
     if not shards:
@@ -401,14 +451,13 @@ def shard_loader(
         grid=shard_set.grid,
         vocab_size=shard_set.vocab_size,
         batch_size=batch_size,
-        epoch_batches=epoch_batches,
         masks=masks,
         rank=rank,
         world_size=world_size,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
     )
-    loader = ShardLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+    loader = ShardLoader(stream, epoch_batches=epoch_batches, num_workers=num_workers, pin_memory=pin_memory)
     loader.start_batch = start_batch
     return loader
 

@@ -143,8 +143,8 @@ def _prepare_run(
         changed.append(f"processes ({state.get('processes')} -> {processes})")
     if changed and main:
         log.warning(
-            "resuming with changed settings: %s (other processes, workers, batch size or epoch_batches "
-            "change the data order)",
+            "resuming with changed settings: %s (other processes, workers or batch size change the data "
+            "order)",
             ", ".join(changed),
         )
     return path, state
