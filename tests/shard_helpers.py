@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from pathlib import Path
 
 import torch
@@ -32,3 +33,18 @@ def digest(directory: Path) -> dict[str, str]:
     """SHA-256 of every file in a directory, by name."""
     files = sorted(p for p in directory.iterdir() if p.is_file())
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def damage_jpegs(shard_set_dir: Path, every: int, first: int = 0) -> int:
+    """Overwrite the JPEG of samples first, first + every, … of each shard in `shard_set_dir` with zeros after
+    its SOI marker (the size and stats stay): undecodable samples the loader must skip. Returns how many."""
+    damaged = 0
+    for tar_path in sorted(shard_set_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            jpgs = [m for m in tar.getmembers() if m.name.endswith(".jpg")][first::every]
+        with open(tar_path, "r+b") as f:
+            for member in jpgs:
+                f.seek(member.offset_data + 2)
+                f.write(b"\x00" * (member.size - 2))
+        damaged += len(jpgs)
+    return damaged

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from shard_helpers import damage_jpegs
 from skimage import data as skdata
 
 from beit.config import model_config
@@ -94,6 +95,30 @@ def test_start_batch_resumes_the_stream_exactly_across_workers_and_epochs(digits
     # Epochs differ (new shard order, buffer and masks), and the two workers read different samples.
     assert _digests(reference[:5]) != _digests(reference[5:10])
     assert not set(_digests(reference[0:1])) & set(_digests(reference[1:2]))
+
+
+def test_recorded_stream_positions_resume_exactly_after_bad_samples(digits_shards, tmp_path):
+    # Every 7th JPEG is undecodable. Batch counts alone make a resumed stream start one sample early per
+    # bad sample before it; the positions the loader records after each batch it yields do not.
+    directory = tmp_path / "damaged"
+    shutil.copytree(digits_shards, directory)
+    assert damage_jpegs(directory, every=7) > 0
+    kw = dict(num_workers=2, batch_size=10, seed=3)
+    loader = _loader(directory, **kw)
+    stream = iter(loader)
+    reference = [next(stream) for _ in range(7)]
+    state = loader.state_dict()
+    reference += [next(stream) for _ in range(5)]
+    del stream
+    assert sum(b.skipped for b in reference[:7]) > 0  # precondition: the streams skipped samples by then
+    assert sorted(state["positions"]) == ["0", "1"]
+
+    resumed = _loader(directory, start_batch=7, **kw)
+    assert resumed.load_state_dict(state)
+    assert _digests(_take(resumed, 5)) == _digests(reference[7:])
+    by_count = _take(_loader(directory, start_batch=7, **kw), 5)  # the approximation: shifted
+    assert _digests(by_count) != _digests(reference[7:])
+    assert not _loader(directory, start_batch=7, **{**kw, "batch_size": 5}).load_state_dict(state)
 
 
 def test_workers_start_once_and_cross_epochs_themselves(digits_shards, tmp_path, monkeypatch):

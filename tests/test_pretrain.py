@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shard_helpers import damage_jpegs
 
 from beit.config import PretrainConfig, pretrain_config
 from beit.errors import BeitError
@@ -216,8 +217,13 @@ def _command(shards: Path, run: Path, *extra: str) -> list[str]:
 
 
 def test_killed_run_resumes_at_the_same_step_and_continues_the_curve(digits_shards, tmp_path):
-    # Two workers, 2 micro-batches per step and a 7-batch epoch: the resume point lands mid-epoch with a
-    # worker rotation, so this exercises the exact data-stream position as well as the training state.
+    # Two workers, 2 micro-batches per step, and every 9th JPEG undecodable: the resume point lands in the
+    # middle of a pass after skipped samples, so this exercises the exact data-stream positions each
+    # process records in its checkpoint (counting batches alone would start a stream early) as well as the
+    # training state.
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    assert damage_jpegs(shards, every=9) > 0
     args = [
         "--steps",
         "16",
@@ -236,14 +242,13 @@ def test_killed_run_resumes_at_the_same_step_and_continues_the_curve(digits_shar
         "--epoch-batches",
         "7",
     ]
-    subprocess.run(
-        _command(digits_shards, tmp_path / "whole", *args), check=True, capture_output=True, env=ENV
-    )
+    subprocess.run(_command(shards, tmp_path / "whole", *args), check=True, capture_output=True, env=ENV)
     reference = _metrics(tmp_path / "whole")
+    assert sum(r["skipped"] for r in reference) > 0
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _command(digits_shards, run, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+        _command(shards, run, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
     )
     deadline = time.monotonic() + 240
     while not ((run / "checkpoints" / "step_00000008").is_dir() and _lines(run) >= 10):
@@ -255,12 +260,13 @@ def test_killed_run_resumes_at_the_same_step_and_continues_the_curve(digits_shar
     resume_step = checkpoints(run)[-1][0]
     assert 8 <= resume_step < 16 and _lines(run) > resume_step  # it had gone past the checkpoint
 
-    subprocess.run(_command(digits_shards, run, *args, "--resume"), check=True, capture_output=True, env=ENV)
+    assert (run / "checkpoints" / f"step_{resume_step:08d}" / "loader_0.json").is_file()
+    subprocess.run(_command(shards, run, *args, "--resume"), check=True, capture_output=True, env=ENV)
     resumed = _metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, 17))  # each step once: the killed tail was dropped
     assert checkpoints(run)[-1][0] == 16
     for ours, theirs in zip(resumed, reference, strict=True):
-        for key in ("step", "loss", "mlm_acc", "lr", "wd", "grad_norm", "masked_per_image"):
+        for key in ("step", "loss", "mlm_acc", "lr", "wd", "grad_norm", "masked_per_image", "skipped"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-6), (ours["step"], key)
 
 

@@ -23,9 +23,11 @@ buffer is webdataset's.
 - Everything random (shard order, shuffle buffer, one mask seed per sample) is seeded from
   (seed, stream, pass) or (seed, stream, position), so batch k of a run is a function of (seed, k, rank,
   world size, workers). `start_batch` resumes the stream: pass p starts at position p·(samples per pass),
-  and the workers drop the consumed samples of the current pass before decoding them. It is exact unless
-  bad samples were skipped before `start_batch`: batches count good samples only, so each one makes the
-  resumed stream start one sample early (that sample is seen twice).
+  and the workers drop the consumed samples of the current pass before decoding them. Batches count good
+  samples only, so after bad samples a stream's position is not a multiple of the batch size: each batch
+  carries the position where its stream goes on, `state_dict()` keeps them per worker role, and
+  `load_state_dict()` resumes from them exactly (without them each bad sample makes the resumed stream
+  start one sample early).
 - Images stay uint8 (4x less to move than float32); `Normalize` converts them on the device.
 - A bad sample (missing member, undecodable JPEG, wrong size, token ids out of range) is skipped, logged
   with its reason, and counted in the `skipped` field of the next batch; so are the samples of a shard
@@ -75,12 +77,14 @@ NORMALIZATIONS = {
 
 
 class Batch(NamedTuple):
-    """One batch. `skipped` counts the bad samples the worker dropped while assembling it."""
+    """One batch. `skipped` counts the bad samples the worker dropped while assembling it; `resume_at` is
+    the stream position after the last sample it read, good or bad, where the stream goes on."""
 
     images: torch.Tensor  # uint8 [B, 3, S, S], channels-last memory
     tokens: torch.Tensor  # int64 [B, g, g]
     mask: torch.Tensor  # bool [B, g*g], row-major like the patch sequence
     skipped: int
+    resume_at: int
 
 
 class BadSample(ValueError):
@@ -227,6 +231,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer = shuffle_buffer
         self.start = 0
+        self.start_positions: dict[int, int] = {}  # role -> stream position, where known exactly
         self._skipped = 0
 
     def share(self, stream: int, streams: int) -> _Share:
@@ -336,6 +341,7 @@ class ShardStream(IterableDataset):
         numbered = self._positions(share, stream, start)
         size, count = self.image_size, self.batch_size
         unusable = 0  # samples skipped in a row
+        resume_at = start
         while True:
             # Each stage runs over the whole batch before the next one starts, so that its code and data
             # stay in the CPU caches: interleaved sample by sample, decoding evicted the rest, and the loader
@@ -343,6 +349,7 @@ class ShardStream(IterableDataset):
             good: list[tuple[int, torch.Tensor, np.ndarray]] = []
             while len(good) < count:
                 chunk = list(itertools.islice(numbered, count - len(good)))
+                resume_at = chunk[-1][0] + 1 if chunk else resume_at
                 decoded = self.decode(chunk)
                 unusable = 0 if decoded else unusable + len(chunk)
                 if unusable >= share.samples:  # a whole pass without a usable sample: it would spin forever
@@ -360,7 +367,7 @@ class ShardStream(IterableDataset):
             mask = np.stack(
                 [self.masks(rng=_stream_rng("mask", self.seed, stream, index)) for index, _, _ in good]
             ).reshape(count, -1)
-            yield Batch(images, torch.from_numpy(tokens), torch.from_numpy(mask), self._skipped)
+            yield Batch(images, torch.from_numpy(tokens), torch.from_numpy(mask), self._skipped, resume_at)
             self._skipped = 0
 
     def __iter__(self) -> Iterator[Batch]:
@@ -368,8 +375,10 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skipped = 0
         first = self.start + worker  # this worker yields the run's batches first, first + W, first + 2W, …
-        stream = self.rank * workers + first % workers
-        yield from self._batches(stream, self.world_size * workers, first // workers * self.batch_size)
+        role = first % workers
+        # Without bad samples both are the same; after them, only the recorded position is exact.
+        start = self.start_positions.get(role, first // workers * self.batch_size)
+        yield from self._batches(self.rank * workers + role, self.world_size * workers, start)
 
 
 class ShardLoader:
@@ -388,9 +397,33 @@ class ShardLoader:
         self.stream, self.epoch_batches = stream, epoch_batches
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.start_batch = 0
+        self.start_positions: dict[int, int] = {}
+        self._positions: dict[int, int] = {}
+
+    def _layout(self) -> list[int]:
+        """What the stream positions of `state_dict` depend on."""
+        stream = self.stream
+        return [stream.rank, stream.world_size, max(1, self.num_workers), stream.batch_size, stream.seed]
+
+    def state_dict(self) -> dict:
+        """Where each worker's stream goes on after the batches taken so far (one entry per worker role)."""
+        return {
+            "layout": self._layout(),
+            "positions": {str(r): p for r, p in sorted(self._positions.items())},
+        }
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Resume every worker's stream where `state_dict` said, which is exact even after bad samples (the
+        count of batches alone makes a stream start one sample early per bad one). Only for the same rank,
+        processes, workers, batch size and seed; returns whether it applied."""
+        if state.get("layout") != self._layout():
+            return False
+        self.start_positions = {int(r): int(p) for r, p in state["positions"].items()}
+        return True
 
     def __iter__(self) -> Iterator[Batch]:
         self.stream.start = self.start_batch
+        self.stream.start_positions = dict(self.start_positions)
         # A private generator: starting workers must not consume the global torch RNG (exact resume).
         batches = DataLoader(
             self.stream,
@@ -401,7 +434,15 @@ class ShardLoader:
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=die_with_parent(),
         )
-        return _one_line_errors(iter(batches))
+        return self._tracked(_one_line_errors(iter(batches)))
+
+    def _tracked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """`batches`, noting where the stream of each one's worker role goes on (batch b is role b mod W)."""
+        self._positions = dict(self.start_positions)
+        workers = max(1, self.num_workers)
+        for number, batch in enumerate(batches, self.start_batch):
+            self._positions[number % workers] = batch.resume_at
+            yield batch
 
 
 def _one_line_errors(batches: Iterator[Batch]) -> Iterator[Batch]:

@@ -45,7 +45,7 @@ from beit.model import create_model
 from beit.model.checkpoint import save_checkpoint
 from beit.shards import open_shard_set
 from beit.shards.format import write_atomic
-from beit.train.loader import Normalize, check_compatible, shard_loader
+from beit.train.loader import Normalize, ShardLoader, check_compatible, shard_loader
 from beit.train.masking import mask_generator
 from beit.train.optim import apply_schedule, build_optimizer, cosine_schedule
 
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+LOADER_STATE = "loader_{}.json"  # per process: where each of its workers' streams goes on
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -162,11 +163,13 @@ def _save(
     run: Path,
     step: int,
     batches: int,
+    loader: ShardLoader,
     extra: dict,
     keep: int,
 ) -> None:
     """Write checkpoints/step_N atomically (temporary directory, then rename) and keep the newest `keep`.
-    `batches`: the micro-batches each process has taken from its loader, where a resumed stream starts."""
+    `batches`: the micro-batches each process has taken from its `loader`, whose streams' positions each
+    process writes too: where a resumed stream starts."""
     root = run / CHECKPOINTS
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
@@ -175,7 +178,10 @@ def _save(
     accelerator.wait_for_everyone()
     # The model, optimizer, grad scaler, every rank's RNG states and Accelerate's step counter.
     accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every rank's random_states_N.pkl is in `tmp` before it is renamed
+    write_atomic(
+        tmp / LOADER_STATE.format(accelerator.process_index), json.dumps(loader.state_dict()).encode()
+    )
+    accelerator.wait_for_everyone()  # every rank's random_states_N.pkl and loader_N.json are in `tmp`
     if accelerator.is_main_process:
         # Overwrites accelerate's model.safetensors with the same tensors plus config.json: the directory
         # is both resumable and loadable by `beit.load_checkpoint` for fine-tuning.
@@ -190,6 +196,22 @@ def _save(
         for _, old in checkpoints(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _resume_positions(loader: ShardLoader, path: Path) -> None:
+    """Give `loader` its streams' exact positions from a checkpoint, when it has them for this layout;
+    otherwise its streams start from the count of batches taken (exact unless samples were skipped)."""
+    try:
+        applied = loader.load_state_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        applied = False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("ignoring %s (%r): the data stream resumes from the count of batches taken", path, err)
+        return
+    if not applied:
+        log.info(
+            "%s does not match this run's layout: the data stream resumes from the count of batches", path
+        )
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
@@ -267,6 +289,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
                 step,
                 cfg.steps,
             )
+        _resume_positions(loader, path / LOADER_STATE.format(accelerator.process_index))
     loader.start_batch = batches_done
 
     lr_table = cosine_schedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup_steps)
@@ -299,7 +322,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
         # backward() divides by grad_accum: scaled so, the step's gradient is that of the summed token
         # losses over every masked token of its micro-batches (they hold different numbers of them).
         token_weight = cfg.grad_accum / max(1, sum(int(batch.mask.sum()) for batch in micro_batches))
-        for images, tokens, mask, skipped in micro_batches:
+        for images, tokens, mask, skipped, _ in micro_batches:
             images = normalize(images.to(device, non_blocking=True))  # uint8 -> normalized float
             tokens, mask = tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             with accelerator.accumulate(model):
@@ -354,7 +377,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> dict[str, float]:
             images_seen, skipped_seen, window_start = 0, 0, time.perf_counter()
 
         if step % cfg.save_every == 0 or step == cfg.steps:
-            _save(accelerator, model, run, step, batches_done, extra, cfg.keep_last)
+            _save(accelerator, model, run, step, batches_done, loader, extra, cfg.keep_last)
 
     progress.close()
     if main:
