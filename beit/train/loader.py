@@ -422,6 +422,8 @@ class ShardLoader:
         return True
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.start_batch < 0:
+            raise BeitError(f"start_batch must be at least 0, got {self.start_batch}")
         self.stream.start = self.start_batch
         self.stream.start_positions = dict(self.start_positions)
         # A private generator: starting workers must not consume the global torch RNG (exact resume).
