@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beit import BeitError, MaskGenerator, RandomMaskGenerator
+from beit.train.masking import mask_generator
 
 
 def test_seeded_mask_reproduces_the_official_anchor():
@@ -166,3 +167,9 @@ def test_random_masking_is_uniform():
 def test_bad_arguments_are_user_errors(kwargs):
     with pytest.raises(BeitError):
         MaskGenerator(**kwargs)
+
+
+def test_mask_generator_passes_its_options_on():
+    gen = mask_generator(8, 20, 4, max_block=10, min_aspect=0.5)
+    assert (gen.num_masked, gen.min_block, gen.max_block) == (20, 4, 10)
+    assert gen.log_aspect == pytest.approx((math.log(0.5), math.log(2)))

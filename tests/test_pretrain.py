@@ -20,12 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from accelerate.utils import load as accelerate_load
+from accelerate.utils import set_seed
 from shard_helpers import damage_jpegs
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from beit.config import PretrainConfig, pretrain_config
 from beit.errors import BeitError
+from beit.model import create_model
 from beit.model.checkpoint import load_checkpoint
 from beit.shards import open_shard_set
+from beit.train.loader import Normalize, shard_loader
+from beit.train.masking import MaskGenerator
 from beit.train.optim import cosine_schedule
 from beit.train.pretrain import TRAINER_STATE, checkpoints, pretrain
 
@@ -198,6 +205,57 @@ def test_refuses_to_overwrite_a_run_or_resume_another_model(tiny_run):
         pretrain(other, resume=True)
 
 
+def test_optimizer_uses_the_configured_settings_and_step_one_matches_a_recomputation(
+    digits_shards, tmp_path, one_thread
+):
+    # What the optimizer is given at every step (not what is logged), and the first step's loss and
+    # gradient norm recomputed from scratch: same init, first batch, masks, row-major targets, mean CE.
+    options = dict(clip_grad=0.01, betas=(0.8, 0.99), eps=1e-6, min_aspect=0.5)
+    cfg = pretrain_config(
+        **{**TINY, "num_workers": 0, "drop_path": 0.0},
+        shards=str(digits_shards),
+        output=str(tmp_path / "run"),
+        steps=4,
+        warmup_steps=1,
+        batch_size=16,
+        log_every=1,
+        **options,
+    )
+    seen = []
+
+    def spy(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        groups = [(g["lr"], g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in optimizer.param_groups]
+        seen.append((groups, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()))
+
+    handle = register_optimizer_step_pre_hook(spy)
+    try:
+        pretrain(cfg)
+    finally:
+        handle.remove()
+    records = _metrics(Path(cfg.output))
+    lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.steps, cfg.warmup_steps)
+    assert len(seen) == cfg.steps
+    for k, (((lr_decay, wd_decay, betas, eps), (lr_rest, wd_rest, _, _)), norm) in enumerate(seen):
+        assert lr_decay == pytest.approx(lr[k]) and lr_rest == pytest.approx(lr[k]), k
+        assert (wd_decay, wd_rest) == (pytest.approx(cfg.weight_decay), 0.0), k  # no weight_decay_end
+        assert (betas, eps) == (cfg.betas, cfg.eps)
+        assert norm <= cfg.clip_grad * (1 + 1e-4), k  # clipped to the L2 bound
+
+    set_seed(cfg.seed)
+    model = create_model(cfg.model_config()).train()
+    masks = MaskGenerator(8, 24, min_block=5, min_aspect=0.5)
+    loader = shard_loader(open_shard_set(digits_shards), batch_size=16, masks=masks, num_workers=0)
+    images, tokens, mask, *_ = next(iter(loader))
+    logits = model(Normalize.named("half")(images), mask)
+    loss = F.cross_entropy(logits, tokens.flatten(1)[mask])
+    loss.backward()
+    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(grads))
+    assert records[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert records[0]["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+
+
 def _command(shards: Path, run: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -308,6 +366,9 @@ def test_two_process_gloo_run_on_uneven_shards_finishes_and_resumes_exactly(digi
     assert records[-1]["images_per_s"] > 0
     last = run / "checkpoints" / "step_00000012"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in last.iterdir()}
+    # A different stochastic-depth stream on each rank (Accelerate's loader: weights only, numpy allowed).
+    seeds = [accelerate_load(last / f"random_states_{rank}.pkl")["torch_manual_seed"] for rank in (0, 1)]
+    assert not torch.equal(*seeds)
     assert (run / "model.safetensors").is_file()
 
     # Back to the step-6 checkpoint, as after a kill: each rank restores its own RNG state (stochastic
@@ -347,6 +408,14 @@ def test_config_precedence_preset_then_toml_then_options(tmp_path):
         0.1,
     )
     assert base.model_config().layer_scale_init == 0.1 and base.model_config().rel_pos_shared
+    assert (base.steps, base.warmup_steps, base.batch_size, base.eps, base.min_aspect) == (
+        500_000,
+        6_250,
+        128,
+        1e-8,
+        0.3,
+    )
+    assert pretrain_config(layer_scale=0.02).model_config().layer_scale_init == 0.02
     assert pretrain_config(preset="large").clip_grad == 1.0
     assert pretrain_config(preset="large").model_config().layer_scale_init == 1e-5
     with pytest.raises(BeitError, match="unknown pretraining option"):
