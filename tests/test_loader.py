@@ -194,19 +194,57 @@ def test_fewer_shards_than_streams_split_the_samples_not_the_shards(digits_shard
 
 def test_a_truncated_shard_is_skipped_and_its_samples_counted(digits_shards, tmp_path, caplog):
     directory = tmp_path / "truncated"
-    shutil.copytree(digits_shards, directory)
+    small = _copy_with_truncated_small_shard(digits_shards, directory)
     shard_set = open_shard_set(directory)
-    small = next(s for s in shard_set.shards if s.count == 100)
-    with open(small.path, "r+b") as f:
-        f.truncate(20 * 4096)  # at a header boundary, as a copy cut short in 4 KiB blocks leaves it
     assert sum(1 for _ in iter_tar_samples(small.path)) > 0  # the tar alone looks fine
     with caplog.at_level(logging.WARNING, logger="beit.train.loader"):
         # One pass is 50 batches; the count comes with the next batch whenever the shard's turn was.
         batches = _take(_loader(directory, batch_size=10, shuffle_buffer=1), 51)
     assert sum(b.skipped for b in batches) == 100
     assert f"its stats say {small.bytes}" in caplog.text
-    others = [s for s in shard_set.shards if s is not small]
+    others = [s for s in shard_set.shards if s.path != small.path]
     assert Counter(_digests(batches[:50])) == Counter(_stored_digests(replace(shard_set, shards=others)))
+
+
+def _copy_with_truncated_small_shard(digits_shards, directory):
+    """A copy of the set whose 100-sample shard is cut short at a 4 KiB boundary; returns the shard."""
+    shutil.copytree(digits_shards, directory)
+    small = next(s for s in open_shard_set(directory).shards if s.count == 100)
+    with open(small.path, "r+b") as f:
+        f.truncate(20 * 4096)  # at a header boundary, as a copy cut short in 4 KiB blocks leaves it
+    return small
+
+
+def test_resuming_after_a_damaged_shard_does_not_count_it_again(digits_shards, tmp_path):
+    directory = tmp_path / "truncated"
+    _copy_with_truncated_small_shard(digits_shards, directory)
+    loader = _loader(directory, batch_size=10, shuffle_buffer=1)
+    stream, reference, states = iter(loader), [], []
+    for _ in range(100):  # two passes of 500 readable samples
+        reference.append(next(stream))
+        states.append(loader.state_dict())
+    met = [i for i in range(50, 98) if reference[i].skipped]  # where pass 1 met the shard (as its last)
+    assert met and sum(b.skipped for b in reference[:98]) == 200  # precondition: both passes met it
+    start = met[-1] + 2  # resumed after it, in the same pass: the skip phase reads the shard again
+    resumed = _loader(directory, start_batch=start, batch_size=10, shuffle_buffer=1)
+    assert resumed.load_state_dict(states[start - 1])
+    batches = _take(resumed, 100 - start)
+    assert [b.skipped for b in batches] == [b.skipped for b in reference[start:]]
+    assert _digests(batches) == _digests(reference[start:])
+
+
+def test_a_stream_with_one_usable_sample_a_pass_goes_on(digits_shards, tmp_path):
+    # Only the 100-sample shard is in the set and only its first JPEG decodes: one usable sample a pass.
+    # The bad samples between two passes' usable ones often outnumber a pass; that is no reason to stop.
+    directory = tmp_path / "one-good"
+    shutil.copytree(digits_shards, directory)
+    *others, _ = open_shard_set(directory).shards
+    for other in others:
+        other.path.with_name(other.path.name.replace(".tar", ".stats.json")).unlink()
+    damage_jpegs(directory, every=1, first=1)
+    batches = _take(_loader(directory, batch_size=1), 20)
+    assert len(set(_digests(batches))) == 1
+    assert sum(b.skipped for b in batches) >= 19 * 99
 
 
 def test_empty_shards_are_left_out_and_a_pass_without_usable_samples_raises(digits_shards, tmp_path):

@@ -37,6 +37,7 @@ buffer is webdataset's.
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import itertools
@@ -276,8 +277,11 @@ class ShardStream(IterableDataset):
                 initial=min(100, self.shuffle_buffer),
                 rng=_stream_rng("buffer", self.seed, stream, number),
             )(self._pass(share, stream, number))
+            if skip:  # the samples the run had taken, dropped undecoded
+                collections.deque(itertools.islice(shuffled, skip), maxlen=0)
+                self._skipped = 0  # damaged shards met on the way: the run counted them when it met them
             found = 0
-            for found, sample in enumerate(itertools.islice(shuffled, skip, share.samples), 1):
+            for found, sample in enumerate(itertools.islice(shuffled, share.samples - skip), 1):
                 yield number * share.samples + skip + found - 1, sample
             if not found and not skip:
                 raise BeitError(
@@ -340,7 +344,7 @@ class ShardStream(IterableDataset):
         share = self.share(stream, streams)
         numbered = self._positions(share, stream, start)
         size, count = self.image_size, self.batch_size
-        unusable = 0  # samples skipped in a row
+        good_pass = start // share.samples  # the pass of the last usable sample (or of the start)
         resume_at = start
         while True:
             # Each stage runs over the whole batch before the next one starts, so that its code and data
@@ -351,8 +355,9 @@ class ShardStream(IterableDataset):
                 chunk = list(itertools.islice(numbered, count - len(good)))
                 resume_at = chunk[-1][0] + 1 if chunk else resume_at
                 decoded = self.decode(chunk)
-                unusable = 0 if decoded else unusable + len(chunk)
-                if unusable >= share.samples:  # a whole pass without a usable sample: it would spin forever
+                if decoded:
+                    good_pass = decoded[-1][0] // share.samples
+                elif resume_at // share.samples >= good_pass + 2:  # a whole pass without one: it would spin
                     raise BeitError(
                         f"no usable sample in a whole pass over the {share.samples} samples of rank "
                         f"{self.rank}'s stream {stream}: each one was skipped; see the warnings above"
@@ -436,11 +441,11 @@ class ShardLoader:
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=die_with_parent(),
         )
+        self._positions = dict(self.start_positions)
         return self._tracked(_one_line_errors(iter(batches)))
 
     def _tracked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """`batches`, noting where the stream of each one's worker role goes on (batch b is role b mod W)."""
-        self._positions = dict(self.start_positions)
         workers = max(1, self.num_workers)
         for number, batch in enumerate(batches, self.start_batch):
             self._positions[number % workers] = batch.resume_at
