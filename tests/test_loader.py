@@ -119,6 +119,7 @@ def test_recorded_stream_positions_resume_exactly_after_bad_samples(digits_shard
     by_count = _take(_loader(directory, start_batch=7, **kw), 5)  # the approximation: shifted
     assert _digests(by_count) != _digests(reference[7:])
     assert not _loader(directory, start_batch=7, **{**kw, "batch_size": 5}).load_state_dict(state)
+    assert not _loader(directory, start_batch=7, **{**kw, "shuffle_buffer": 32}).load_state_dict(state)
     with pytest.raises(BeitError, match="start_batch must be at least 0"):
         iter(_loader(directory, start_batch=-1))
 

@@ -406,9 +406,13 @@ class ShardLoader:
         self._positions: dict[int, int] = {}
 
     def _layout(self) -> list[int]:
-        """What the stream positions of `state_dict` depend on."""
+        """What the stream positions of `state_dict` depend on: the streams and what they read."""
         stream = self.stream
-        return [stream.rank, stream.world_size, max(1, self.num_workers), stream.batch_size, stream.seed]
+        samples = sum(s.count for s in stream.shards)
+        return [
+            *(stream.rank, stream.world_size, max(1, self.num_workers), stream.batch_size, stream.seed),
+            *(len(stream.shards), samples, stream.shuffle_buffer),
+        ]
 
     def state_dict(self) -> dict:
         """Where each worker's stream goes on after the batches taken so far (one entry per worker role)."""
@@ -420,7 +424,7 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> bool:
         """Resume every worker's stream where `state_dict` said, which is exact even after bad samples (the
         count of batches alone makes a stream start one sample early per bad one). Only for the same rank,
-        processes, workers, batch size and seed; returns whether it applied."""
+        processes, workers, batch size, seed, shuffle buffer and shards; returns whether it applied."""
         if state.get("layout") != self._layout():
             return False
         self.start_positions = {int(r): int(p) for r, p in state["positions"].items()}

@@ -204,13 +204,16 @@ def _resume_positions(loader: ShardLoader, path: Path) -> None:
     try:
         applied = loader.load_state_dict(json.loads(path.read_text()))
     except FileNotFoundError:
-        applied = False
+        log.warning("%s is missing: the data stream resumes from the count of batches taken", path)
+        return
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("ignoring %s (%r): the data stream resumes from the count of batches taken", path, err)
         return
     if not applied:
-        log.info(
-            "%s does not match this run's layout: the data stream resumes from the count of batches", path
+        log.warning(
+            "%s was written with other processes, workers, batch size, seed, shuffle buffer or shards: the "
+            "data stream resumes from the count of batches taken, not at the exact sample",
+            path,
         )
 
 
