@@ -267,7 +267,7 @@ class ShardStream(IterableDataset):
                 log.warning("skipping the rest of shard %s: %s", shard.path, err)
                 self._skipped += max(0, len(mine) - read)  # this stream's samples of it that were lost
 
-    def _positions(self, share: _Share, stream: int, start: int) -> Iterator[tuple[int, dict]]:
+    def _numbered(self, share: _Share, stream: int, start: int) -> Iterator[tuple[int, dict]]:
         """(stream position, raw sample) from position `start` on, endlessly: pass p holds the positions
         from p·share.samples on, so a pass short of samples (a damaged shard) shifts none of the next."""
         number, skip = divmod(start, share.samples)
@@ -342,7 +342,7 @@ class ShardStream(IterableDataset):
     def _batches(self, stream: int, streams: int, start: int) -> Iterator[Batch]:
         """The batches of one stream from position `start` on, endlessly."""
         share = self.share(stream, streams)
-        numbered = self._positions(share, stream, start)
+        numbered = self._numbered(share, stream, start)
         size, count = self.image_size, self.batch_size
         good_pass = start // share.samples  # the pass of the last usable sample (or of the start)
         resume_at = start
