@@ -10,6 +10,7 @@ import shutil
 import tarfile
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,33 +194,44 @@ def test_fewer_shards_than_streams_split_the_samples_not_the_shards(digits_shard
     assert Counter(seen) == Counter(_stored_digests(open_shard_set(digits_shards)))
 
 
-def test_a_truncated_shard_is_skipped_and_its_samples_counted(digits_shards, tmp_path, caplog):
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(20 * 4096)  # at a header boundary, as a copy cut short in 4 KiB blocks leaves it
+
+
+def _small_shard(directory: Path):
+    """The 100-sample shard of a copy of the digits set."""
+    return next(s for s in open_shard_set(directory).shards if s.count == 100)
+
+
+def test_a_truncated_shard_is_left_out_or_skipped_with_its_samples_counted(digits_shards, tmp_path, caplog):
     directory = tmp_path / "truncated"
-    small = _copy_with_truncated_small_shard(digits_shards, directory)
-    shard_set = open_shard_set(directory)
+    shutil.copytree(digits_shards, directory)
+    shard_set, small = open_shard_set(directory), _small_shard(directory)
+    others = [s for s in shard_set.shards if s.path != small.path]
+    readable = Counter(_stored_digests(replace(shard_set, shards=others)))
+    damaged_later = _loader(directory, batch_size=10, shuffle_buffer=1)  # built while the shard is whole
+    _truncate(small.path)
     assert sum(1 for _ in iter_tar_samples(small.path)) > 0  # the tar alone looks fine
     with caplog.at_level(logging.WARNING, logger="beit.train.loader"):
-        # One pass is 50 batches; the count comes with the next batch whenever the shard's turn was.
-        batches = _take(_loader(directory, batch_size=10, shuffle_buffer=1), 51)
+        # Truncated before the loader is built: left out, so a pass is the other 500 samples.
+        batches = _take(_loader(directory, batch_size=10, shuffle_buffer=1), 50)
+        left_out = f"leaving out shard {small.path}: it has 81920 bytes, its stats say {small.bytes}"
+        assert left_out in caplog.text
+        assert sum(b.skipped for b in batches) == 0 and Counter(_digests(batches)) == readable
+        # Truncated after: skipped in each pass, its 100 samples counted (with the batch after its turn).
+        batches = _take(damaged_later, 51)
+    assert f"skipping the rest of shard {small.path}" in caplog.text
     assert sum(b.skipped for b in batches) == 100
-    assert f"its stats say {small.bytes}" in caplog.text
-    others = [s for s in shard_set.shards if s.path != small.path]
-    assert Counter(_digests(batches[:50])) == Counter(_stored_digests(replace(shard_set, shards=others)))
-
-
-def _copy_with_truncated_small_shard(digits_shards, directory):
-    """A copy of the set whose 100-sample shard is cut short at a 4 KiB boundary; returns the shard."""
-    shutil.copytree(digits_shards, directory)
-    small = next(s for s in open_shard_set(directory).shards if s.count == 100)
-    with open(small.path, "r+b") as f:
-        f.truncate(20 * 4096)  # at a header boundary, as a copy cut short in 4 KiB blocks leaves it
-    return small
+    assert Counter(_digests(batches[:50])) == readable
 
 
 def test_resuming_after_a_damaged_shard_does_not_count_it_again(digits_shards, tmp_path):
     directory = tmp_path / "truncated"
-    _copy_with_truncated_small_shard(digits_shards, directory)
+    shutil.copytree(digits_shards, directory)
     loader = _loader(directory, batch_size=10, shuffle_buffer=1)
+    resumed = _loader(directory, batch_size=10, shuffle_buffer=1)  # both built before the damage
+    _truncate(_small_shard(directory).path)
     stream, reference, states = iter(loader), [], []
     for _ in range(100):  # two passes of 500 readable samples
         reference.append(next(stream))
@@ -227,7 +239,7 @@ def test_resuming_after_a_damaged_shard_does_not_count_it_again(digits_shards, t
     met = [i for i in range(50, 98) if reference[i].skipped]  # where pass 1 met the shard (as its last)
     assert met and sum(b.skipped for b in reference[:98]) == 200  # precondition: both passes met it
     start = met[-1] + 2  # resumed after it, in the same pass: the skip phase reads the shard again
-    resumed = _loader(directory, start_batch=start, batch_size=10, shuffle_buffer=1)
+    resumed.start_batch = start
     assert resumed.load_state_dict(states[start - 1])
     batches = _take(resumed, 100 - start)
     assert [b.skipped for b in batches] == [b.skipped for b in reference[start:]]
@@ -256,7 +268,7 @@ def test_empty_shards_are_left_out_and_a_pass_without_usable_samples_raises(digi
     kw = dict(image_size=32, grid=8, batch_size=10, masks=mask_generator(8))
     stream = ShardStream(shards, vocab_size=512, **kw)
     assert [s.path for s in stream.shards] == [shard_set.shards[0].path]
-    with pytest.raises(BeitError, match="hold no samples"):
+    with pytest.raises(BeitError, match="none of the 1 selected shard"):
         ShardStream(shards[1:], vocab_size=512, **kw)
     # Every token id is outside a 1-token vocabulary: one pass, then a clear error rather than a spin.
     loader = ShardLoader(ShardStream(shards, vocab_size=1, **kw), epoch_batches=1, num_workers=0)
@@ -292,10 +304,11 @@ def test_bad_samples_are_skipped_counted_and_logged(digits_shards, tmp_path, cap
 def test_an_error_in_a_worker_keeps_its_one_line_message(digits_shards, tmp_path):
     directory = tmp_path / "emptied"
     shutil.copytree(digits_shards, directory)
+    loader = _loader(directory, num_workers=1)
     for shard in open_shard_set(directory).shards:
-        shard.path.unlink()  # the manifest still lists them
+        shard.path.unlink()  # after the loader was built: its worker finds nothing to read
     with pytest.raises(BeitError) as raised:
-        _take(_loader(directory, num_workers=1), 1)
+        _take(loader, 1)
     assert (
         str(raised.value)
         == "no readable samples in the 3 shard(s) of rank 0's stream 0; see the warnings above"

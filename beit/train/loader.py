@@ -30,9 +30,10 @@ buffer is webdataset's.
   start one sample early).
 - Images stay uint8 (4x less to move than float32); `Normalize` converts them on the device.
 - A bad sample (missing member, undecodable JPEG, wrong size, token ids out of range) is skipped, logged
-  with its reason, and counted in the `skipped` field of the next batch; so are the samples of a shard
-  that cannot be read or whose size is not the one its stats file records (a truncated copy). Shards of
-  0 samples are left out, and a stream that finds no usable sample in a whole pass raises a BeitError.
+  with its reason, and counted in the `skipped` field of the next batch. Shards of 0 samples, and shards
+  missing or of another size than their stats file records (a truncated copy), are left out when the
+  loader is built, with a warning; a shard damaged later is skipped in its pass and its samples counted.
+  A stream that finds no usable sample in a whole pass raises a BeitError.
 """
 
 from __future__ import annotations
@@ -177,6 +178,16 @@ def check_compatible(shard_set: ShardSet, config: ModelConfig) -> None:
         )
 
 
+def _damage(shard: ShardInfo) -> str | None:
+    """Why a shard cannot be read whole, judged by its size against its stats file (a copy cut short, or a
+    file overwritten since), or None."""
+    try:
+        size = shard.path.stat().st_size
+    except OSError as err:
+        return f"cannot read it ({err.strerror})"
+    return None if size == shard.bytes else f"it has {size} bytes, its stats say {shard.bytes}"
+
+
 def _stream_rng(*parts: object) -> random.Random:
     # random.Random seeded with a str hashes it with SHA-512: the same in every process (unlike hash()).
     return random.Random("/".join(str(p) for p in parts))
@@ -223,10 +234,17 @@ class ShardStream(IterableDataset):
             raise BeitError(
                 f"the mask generator's grid {masks.height}x{masks.width} is not the token grid {grid}"
             )
-        # A shard of 0 samples (every item of its chunk failed) is complete but has nothing to give.
-        self.shards = [s for s in shards if s.count > 0]
+        # A shard of 0 samples (every item of its chunk failed) is complete but has nothing to give; a
+        # damaged one would be skipped in every pass, and could leave a stream with nothing to read.
+        self.shards = []
+        for shard in shards:
+            damage = _damage(shard)
+            if damage:
+                log.warning("leaving out shard %s: %s", shard.path, damage)
+            elif shard.count > 0:
+                self.shards.append(shard)
         if not self.shards:
-            raise BeitError(f"the {len(shards)} selected shard(s) hold no samples")
+            raise BeitError(f"none of the {len(shards)} selected shard(s) holds a readable sample")
         self.image_size, self.grid, self.vocab_size = image_size, grid, vocab_size
         self.batch_size, self.masks = batch_size, masks
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -256,9 +274,9 @@ class ShardStream(IterableDataset):
             mine = range((share.which - first) % share.every, shard.count, share.every)  # its positions
             read = 0
             try:
-                size = shard.path.stat().st_size
-                if size != shard.bytes:  # cut short by a copy, or overwritten since its stats were written
-                    raise ShardFormatError(f"it has {size} bytes, its stats say {shard.bytes}")
+                damage = _damage(shard)  # since the loader was built
+                if damage:
+                    raise ShardFormatError(damage)
                 for position, (key, members) in enumerate(iter_tar_samples(shard.path)):
                     if (first + position) % share.every == share.which:
                         read += 1
