@@ -264,7 +264,9 @@ def test_empty_shards_are_left_out_and_a_pass_without_usable_samples_raises(digi
     shard_set = open_shard_set(digits_shards)
     empty = tmp_path / "empty.tar"
     tarfile.open(empty, "w").close()
-    shards = [shard_set.shards[0], replace(shard_set.shards[1], path=empty, count=0)]
+    # A whole (size as in its stats) shard of 0 samples, as the job writes when every item of a chunk fails.
+    whole_but_empty = replace(shard_set.shards[1], path=empty, count=0, bytes=empty.stat().st_size)
+    shards = [shard_set.shards[0], whole_but_empty]
     kw = dict(image_size=32, grid=8, batch_size=10, masks=mask_generator(8))
     stream = ShardStream(shards, vocab_size=512, **kw)
     assert [s.path for s in stream.shards] == [shard_set.shards[0].path]
