@@ -14,7 +14,9 @@
     views of real photos written by the tokenization job. Target: >= 0.8. Each loader run is paired with
     a tight decode timed just before it; the ratio is the median over pairs (`_range`: min and max).
     `decode_only_*`: the same for a dataset that only decodes in-memory JPEGs into batches, the ceiling of
-    any loader on the machine at hand.
+    any loader on the machine at hand. `loader_over_decode_only`: the loader against that dataset in the
+    same setting (in-process, one worker), each loader run paired with the decode-only run after it: what
+    the loader's own work (tars, shuffling, tokens, masks) costs beyond decoding there.
     `us_per_sample`: wall time per sample, and the part spent in the stream's own code (tar reading,
     shuffling, decoding, checks, masks, batching) in-process and in one worker; the rest is what the
     DataLoader adds (moving each batch into shared memory, its queues).
@@ -377,12 +379,12 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
     decode = decode_rates(jpegs, repeats)
     # Each loader run is paired with a tight decode timed just before it, and the ratio is taken per pair:
     # this machine's speed drifts by up to 1.6x over minutes, much less over a second.
-    setups = {
+    setups = {  # each loader setting next to its decode-only one, for `loader_over_decode_only`
         "in_process": lambda: loader_rate(few, 0, batches),
-        "1_worker": lambda: loader_rate(few, 1, batches),
-        "2_workers": lambda: loader_rate(few, 2, batches),
         "decode_only_in_process": lambda: (decode_only_rate(jpegs, 0, batches), math.nan),
+        "1_worker": lambda: loader_rate(few, 1, batches),
         "decode_only_1_worker": lambda: (decode_only_rate(jpegs, 1, batches), math.nan),
+        "2_workers": lambda: loader_rate(few, 2, batches),
     }
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
     ratios: dict[str, list[float]] = {name: [] for name in setups}
@@ -394,6 +396,13 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
             ratios[name].append(rate / (2 if name == "2_workers" else 1) / tight)
 
     rates = {name: median([rate for rate, _ in results]) for name, results in runs.items()}
+    same_setting = {
+        name: [
+            loaded / decoded
+            for (loaded, _), (decoded, _) in zip(runs[name], runs[f"decode_only_{name}"], strict=True)
+        ]
+        for name in ("in_process", "1_worker")
+    }
     per_worker = {**rates, "2_workers": rates["2_workers"] / 2}
     memory = {}
     for n, path in sorted(sets.items()):
@@ -421,6 +430,10 @@ def loader(work: Path, samples: int, repeats: int) -> dict[str, Any]:
         "loader_per_worker_over_decode": {name: median(values) for name, values in ratios.items()},
         "loader_per_worker_over_decode_range": {
             name: [min(values), max(values)] for name, values in ratios.items()
+        },
+        "loader_over_decode_only": {name: median(values) for name, values in same_setting.items()},
+        "loader_over_decode_only_range": {
+            name: [min(values), max(values)] for name, values in same_setting.items()
         },
         "loader_per_worker_over_pil_decode": {
             name: rate / decode["pil"] for name, rate in per_worker.items()
